@@ -1,0 +1,1 @@
+"""ASPEN serve engine: scheduling, batching, KV blocks, adapter cache, gRPC server."""
