@@ -1,0 +1,33 @@
+"""ASPEN model library: Llama-family decoders over a paged KV cache, the multi-LoRA op, quantized base loading,
+PEFT adapter IO and training mode.
+
+Heavy modules (torch, transformers) load on first use, so ``import aspen`` stays cheap for tools that only need
+configs or the demo assets.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aspen.errors import AdapterError, AspenError, CheckpointError
+
+if TYPE_CHECKING:
+    from aspen.llm import LanguageModel
+
+__all__ = ["load_model", "LanguageModel", "AspenError", "CheckpointError", "AdapterError"]
+__version__ = "0.1.0"
+
+
+def load_model(path: str, dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
+               progress: bool = True) -> "LanguageModel":
+    """Load a local Hugging Face checkpoint; see :func:`aspen.llm.load_model`."""
+    from aspen.llm import load_model as _load
+
+    return _load(path, dtype=dtype, quantize=quantize, device=device, progress=progress)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LanguageModel":
+        from aspen.llm import LanguageModel
+
+        return LanguageModel
+    raise AttributeError(name)

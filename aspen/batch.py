@@ -1,0 +1,178 @@
+"""The one description of a model step: a *flat* batch of tokens from many sequences.
+
+A step runs any mix of prefill chunks (several new tokens of one sequence) and decodes (one new token) in one
+forward call. The caller describes each sequence's share of the step with a :class:`SeqChunk` (plain Python, no
+torch); :meth:`FlatBatch.build` turns the list into the tensors every layer reads, once per step:
+
+    tokens of the step:   t = 0 .. T-1, grouped by sequence s = 0 .. S-1 in the order given
+    query_start[s]        first token of sequence s in the flat batch (len S+1, last = T)
+    positions[t]          absolute position of token t in its sequence
+    slot_mapping[t]       KV-pool slot where token t's key/value is written:
+                          block_table[pos // block_size] * block_size + pos % block_size
+    adapter_index[t]      per-token adapter slot for the LoRA op; -1 = base model only
+    logits_indices[n]     flat indices of the tokens whose logits the caller wants
+    context_lens[s]       tokens of sequence s in the KV cache after this step (start_pos + new tokens)
+
+Attention needs, for each query, the slots of every key it may see. Decode rows (one new token) are batched:
+``decode_kv_slots`` [D, Lmax] lists each decode sequence's key slots padded to the longest, ``decode_mask``
+[D, Lmax] marks the real ones. Prefill chunks are run one by one, each with its own slot list and causal mask
+(:class:`PrefillSeq`). Both are computed here once and reused by every layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+LOGITS_LAST = "last"
+LOGITS_ALL = "all"
+LOGITS_NONE = "none"
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's part of a step (pure Python).
+
+    token_ids:   the new tokens to run now (a prefill chunk, or the single last token for a decode)
+    start_pos:   position of token_ids[0]; equals the number of this sequence's tokens already in the KV cache
+    block_table: KV blocks of the sequence, enough to hold start_pos + len(token_ids) tokens
+    adapter_slot: LoRA adapter slot for every token of this chunk (-1 = base only)
+    logits:      which logits to return: "last" token, "all" tokens of the chunk, or "none"
+    """
+
+    token_ids: Sequence[int]
+    start_pos: int
+    block_table: Sequence[int]
+    adapter_slot: int = -1
+    logits: str = LOGITS_LAST
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError("SeqChunk.token_ids must hold at least one token")
+        if self.start_pos < 0:
+            raise ValueError(f"SeqChunk.start_pos must be >= 0, got {self.start_pos}")
+        if self.logits not in (LOGITS_LAST, LOGITS_ALL, LOGITS_NONE):
+            raise ValueError(f"SeqChunk.logits must be 'last', 'all' or 'none', got {self.logits!r}")
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """Attention inputs of one multi-token chunk."""
+
+    token_start: int  # first flat token index of the chunk
+    token_end: int  # one past the last
+    kv_slots: torch.Tensor  # [context_len] long: slots of keys 0 .. context_len-1
+    mask: torch.Tensor | None  # [n_new, context_len] bool (True = may attend); None = plain causal, no prefix
+
+
+@dataclass(frozen=True)
+class FlatBatch:
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long
+    adapter_index: torch.Tensor  # [T] long, -1 = base only
+    logits_indices: torch.Tensor  # [N] long
+    query_start: tuple[int, ...]  # S+1 flat offsets
+    context_lens: tuple[int, ...]  # S
+    prefills: tuple[PrefillSeq, ...]
+    decode_token_index: torch.Tensor  # [D] long: flat index of each decode row's token
+    decode_kv_slots: torch.Tensor  # [D, Lmax] long
+    decode_mask: torch.Tensor  # [D, Lmax] bool
+    adapter_slots: tuple[int, ...] = field(default=())  # per sequence, for the LoRA op's grouping
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @classmethod
+    def build(cls, chunks: Sequence[SeqChunk], block_size: int, device: torch.device | str = "cpu",
+              sliding_window: int | None = None) -> "FlatBatch":
+        if not chunks:
+            raise ValueError("a step needs at least one sequence chunk")
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        adapters: list[int] = []
+        logits_idx: list[int] = []
+        qstart = [0]
+        ctx: list[int] = []
+        prefill_specs: list[tuple[int, int, list[int], int]] = []
+        dec_tok: list[int] = []
+        dec_slots: list[list[int]] = []
+        for c in chunks:
+            end = c.end_pos
+            if len(c.block_table) * block_size < end:
+                raise ValueError(
+                    f"block table of {len(c.block_table)} blocks holds {len(c.block_table) * block_size} "
+                    f"tokens, the chunk needs {end}")
+            seq_slots = _slots(c.block_table, block_size, end)
+            t0 = len(ids)
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start_pos, end))
+            slots.extend(seq_slots[c.start_pos:end])
+            adapters.extend([c.adapter_slot] * len(c.token_ids))
+            if c.logits == LOGITS_LAST:
+                logits_idx.append(len(ids) - 1)
+            elif c.logits == LOGITS_ALL:
+                logits_idx.extend(range(t0, len(ids)))
+            qstart.append(len(ids))
+            ctx.append(end)
+            if len(c.token_ids) == 1:
+                dec_tok.append(t0)
+                dec_slots.append(seq_slots)
+            else:
+                prefill_specs.append((t0, len(ids), seq_slots, c.start_pos))
+
+        def tensor(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        prefills = tuple(
+            PrefillSeq(t0, t1, tensor(s), _prefill_mask(start, t1 - t0, sliding_window, device))
+            for t0, t1, s, start in prefill_specs)
+        lmax = max((len(s) for s in dec_slots), default=0)
+        padded = [s + [0] * (lmax - len(s)) for s in dec_slots]
+        dec_positions = [len(s) - 1 for s in dec_slots]
+        mask = torch.zeros((len(dec_slots), lmax), dtype=torch.bool)
+        for i, s in enumerate(dec_slots):
+            lo = 0 if sliding_window is None else max(0, dec_positions[i] - sliding_window + 1)
+            mask[i, lo:len(s)] = True
+        return cls(
+            input_ids=tensor(ids), positions=tensor(pos), slot_mapping=tensor(slots),
+            adapter_index=tensor(adapters), logits_indices=tensor(logits_idx),
+            query_start=tuple(qstart), context_lens=tuple(ctx), prefills=prefills,
+            decode_token_index=tensor(dec_tok),
+            decode_kv_slots=torch.tensor(padded, dtype=torch.long, device=device).reshape(len(dec_slots), lmax),
+            decode_mask=mask.to(device),
+            adapter_slots=tuple(c.adapter_slot for c in chunks),
+        )
+
+
+def _slots(block_table: Sequence[int], block_size: int, length: int) -> list[int]:
+    out: list[int] = []
+    for b in block_table:
+        base = b * block_size
+        out.extend(range(base, base + block_size))
+        if len(out) >= length:
+            break
+    return out[:length]
+
+
+def _prefill_mask(start: int, n: int, window: int | None, device: torch.device | str) -> torch.Tensor | None:
+    """[n, start+n] causal mask for a chunk whose first query sits at position `start`."""
+    if start == 0 and (window is None or window >= n):
+        return None
+    q = torch.arange(start, start + n).unsqueeze(1)
+    k = torch.arange(start + n).unsqueeze(0)
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask.to(device)

@@ -1,0 +1,103 @@
+"""A loaded base model with its tokenizer: what :func:`aspen.load_model` returns."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from aspen.batch import LOGITS_ALL, FlatBatch, SeqChunk
+from aspen.config import ModelConfig
+from aspen.errors import CheckpointError
+from aspen.kv_cache import KVCache
+from aspen.loader import build_model
+from aspen.model import DecoderModel, LoraHook
+from aspen.quantize import check_mode, quantize_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types here; name the directory
+        raise CheckpointError(f"checkpoint {path!r}: tokenizer could not be loaded ({e})") from None
+
+
+class LanguageModel:
+    """The frozen base model, its tokenizer and config; runs steps over a paged KV cache."""
+
+    def __init__(self, model: DecoderModel, tokenizer, path: str, dtype: torch.dtype, quantize: str,
+                 device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.dtype = dtype
+        self.quantize = quantize
+        self.device = device
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def step(self, chunks: Sequence[SeqChunk], kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run one flat step; returns float32 logits for the tokens the chunks asked for."""
+        batch = FlatBatch.build(chunks, kv.block_size, self.device, self.config.sliding_window)
+        return self.model(batch, kv, lora)
+
+    def score(self, token_ids: Sequence[int], block_size: int = 16, lora: LoraHook | None = None,
+              adapter_slot: int = -1) -> torch.Tensor:
+        """Logits ``[len(token_ids), vocab]`` of one sequence, computed through the paged-KV path.
+
+        The first half of the tokens is prefilled in two chunks, the rest decoded one token at a time; the
+        block table is deliberately non-contiguous (reversed) so paging is exercised.
+        """
+        ids = [int(t) for t in token_ids]
+        n = len(ids)
+        if n == 0:
+            raise ValueError("score needs at least one token")
+        if n > self.config.max_position_embeddings:
+            raise ValueError(f"{n} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        num_blocks = -(-n // block_size)
+        kv = self.new_kv_cache(num_blocks, block_size)
+        table = list(reversed(range(num_blocks)))
+        prompt = max(1, (n + 1) // 2)
+        cut = max(1, prompt // 2)
+        spans = [(0, cut)] + ([(cut, prompt)] if prompt > cut else [])
+        spans += [(i, i + 1) for i in range(prompt, n)]
+        out = []
+        for a, b in spans:
+            chunk = SeqChunk(ids[a:b], a, table, adapter_slot=adapter_slot, logits=LOGITS_ALL)
+            out.append(self.step([chunk], kv, lora))
+        return torch.cat(out, dim=0)
+
+
+def load_model(path: str, dtype: str | torch.dtype = "float32", quantize: str | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> LanguageModel:
+    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    torch_dtype = parse_dtype(dtype)
+    mode = check_mode(quantize)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+    path = os.path.abspath(os.path.expanduser(path))
+    model = build_model(path, dtype=torch_dtype, device=dev, progress=progress)
+    model = quantize_model(model, mode)
+    tokenizer = load_tokenizer(path)
+    return LanguageModel(model, tokenizer, path, torch_dtype, mode, dev)

@@ -1,0 +1,75 @@
+"""Tiny random checkpoints of each supported family, made locally with transformers' ``save_pretrained``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small cat sat by the warm fire and looked at the rain. "
+    "Tom took the red ball to the park, and he was happy. Café, naïve, 日本語 and 🙂 are here too. "
+) * 20
+
+VOCAB = 320
+
+
+def make_tokenizer(out_dir: str):
+    """A byte-level BPE tokenizer trained on TEXT, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+FAMILIES = {
+    "llama": dict(arch="LlamaConfig", cls="LlamaForCausalLM"),
+    "mistral": dict(arch="MistralConfig", cls="MistralForCausalLM"),
+    "qwen2": dict(arch="Qwen2Config", cls="Qwen2ForCausalLM"),
+    "qwen3": dict(arch="Qwen3Config", cls="Qwen3ForCausalLM"),
+}
+
+
+def make_checkpoint(out_dir: str, family: str = "llama", seed: int = 0, max_shard_size: str | None = None,
+                    **overrides) -> str:
+    """Save a tiny random model of `family` (and a tokenizer) to out_dir; returns out_dir."""
+    import transformers
+
+    spec = FAMILIES[family]
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    if family == "qwen3":
+        kw["head_dim"] = 16
+    kw.update(overrides)
+    config = getattr(transformers, spec["arch"])(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec["cls"])(config)
+    # random init is tiny (std 0.02): widen it so logits differ clearly between tokens and bugs show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    os.makedirs(out_dir, exist_ok=True)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **extra)
+    make_tokenizer(out_dir)
+    return out_dir
+
+
+def hf_model(path: str, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
