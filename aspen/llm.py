@@ -11,7 +11,9 @@ from aspen.config import ModelConfig
 from aspen.errors import CheckpointError
 from aspen.kv_cache import KVCache
 from aspen.loader import build_model
-from aspen.model import DecoderModel, LoraHook
+from aspen.lora_op import LoraBatch
+from aspen.lora_pool import LoraPool, PooledAdapter, pages_needed
+from aspen.model import DecoderModel
 from aspen.quantize import check_mode, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +49,7 @@ class LanguageModel:
         self.dtype = dtype
         self.quantize = quantize
         self.device = device
+        self.adapters: dict[str, object] = {}  # adapter id -> aspen.peft_io.LoraAdapter (registered for score)
 
     @property
     def config(self) -> ModelConfig:
@@ -56,18 +59,59 @@ class LanguageModel:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def step(self, chunks: Sequence[SeqChunk], kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
-        """Run one flat step; returns float32 logits for the tokens the chunks asked for."""
-        batch = FlatBatch.build(chunks, kv.block_size, self.device, self.config.sliding_window)
-        return self.model(batch, kv, lora)
+    def step(self, chunks: Sequence[SeqChunk], kv: KVCache, make_lora=None) -> torch.Tensor:
+        """Run one flat step; returns float32 logits for the tokens the chunks asked for.
 
-    def score(self, token_ids: Sequence[int], block_size: int = 16, lora: LoraHook | None = None,
-              adapter_slot: int = -1) -> torch.Tensor:
+        ``make_lora(batch) -> LoraHook`` builds the step's LoRA segments from the flat batch (or None).
+        """
+        batch = FlatBatch.build(chunks, kv.block_size, self.device, self.config.sliding_window)
+        return self.model(batch, kv, make_lora(batch) if make_lora is not None else None)
+
+    def read_adapter(self, path: str, allow_pickle: bool = False):
+        """Read and validate a PEFT adapter directory against this base (nothing is registered)."""
+        from aspen.peft_io import load_peft_adapter
+
+        return load_peft_adapter(path, self.config, allow_pickle=allow_pickle,
+                                 expected_base=self.config.name_or_path)
+
+    def load_adapter(self, adapter_id: str, path: str, allow_pickle: bool = False):
+        """Register a PEFT adapter directory under ``adapter_id`` (validated first; nothing half-loaded)."""
+        adapter = self.read_adapter(path, allow_pickle=allow_pickle)
+        self.adapters[adapter_id] = adapter
+        return adapter
+
+    def pool_adapters(self, adapters: Sequence) -> tuple[LoraPool, list[PooledAdapter]]:
+        """A pool just big enough for ``adapters`` (LoraAdapter objects), each written to its own pages."""
+        sizes = [pages_needed(a) for a in adapters]
+        pool = LoraPool(self.config, max(1, sum(sizes)), dtype=self.dtype, device=self.device)
+        pooled, start = [], 0
+        for a, n in zip(adapters, sizes):
+            pooled.append(pool.write(a, list(range(start, start + n))))
+            start += n
+        return pool, pooled
+
+    def _resolve_adapter(self, adapter):
+        if adapter is None or not isinstance(adapter, str):
+            return adapter
+        if adapter in self.adapters:
+            return self.adapters[adapter]
+        if os.path.isdir(adapter):
+            return self.read_adapter(adapter)
+        raise KeyError(f"adapter {adapter!r} is neither a registered adapter id nor a PEFT adapter directory")
+
+    def score(self, token_ids: Sequence[int], adapter=None, block_size: int = 16) -> torch.Tensor:
         """Logits ``[len(token_ids), vocab]`` of one sequence, computed through the paged-KV path.
 
+        ``adapter``: None (base), a registered adapter id, a PEFT adapter directory, or a LoraAdapter.
         The first half of the tokens is prefilled in two chunks, the rest decoded one token at a time; the
         block table is deliberately non-contiguous (reversed) so paging is exercised.
         """
+        adapter = self._resolve_adapter(adapter)
+        make_lora, adapter_slot = None, -1
+        if adapter is not None:
+            pool, pooled = self.pool_adapters([adapter])
+            make_lora, adapter_slot = (lambda b: LoraBatch.for_step(b, pooled, pool)), 0
+
         ids = [int(t) for t in token_ids]
         n = len(ids)
         if n == 0:
@@ -84,7 +128,7 @@ class LanguageModel:
         out = []
         for a, b in spans:
             chunk = SeqChunk(ids[a:b], a, table, adapter_slot=adapter_slot, logits=LOGITS_ALL)
-            out.append(self.step([chunk], kv, lora))
+            out.append(self.step([chunk], kv, make_lora))
         return torch.cat(out, dim=0)
 
 

@@ -1,0 +1,39 @@
+# ASPEN serve — the two commands a user needs: `make serve` and `make test`.
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install serve demo test test-slow soak bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Main job: the demo model (built on first use) served by ASPEN.
+serve: install
+	$(BIN)/aspen demo
+
+demo: install
+	$(BIN)/aspen demo
+
+## The whole fast suite (what CI runs).
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Long checks marked `slow`.
+test-slow soak: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check aspen engine clients tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,182 @@
+"""The one multi-LoRA op: every token of a flat batch gets its own adapter's low-rank delta.
+
+For a projection group ``g`` of layer ``l`` (``qkv_proj`` packs q, k, v; ``gate_up_proj`` packs gate, up) and a
+token ``t`` whose adapter targets projection ``m`` of the group:
+
+    y[t, out_slice(m)] += scale_m * (x[t] @ A_m^T) @ B_m^T          A_m: [r_m, in], B_m: [out_m, r_m]
+
+Tokens are grouped once per step into *segments* — the tokens that share an adapter (Punica's SGMV idea) — and
+the same segments serve every layer. Per segment and group the op does one shrink matmul for all packed
+projections at once (their A rows are stacked) and one expand matmul per projection. Tokens with no adapter are
+in no segment and cost nothing.
+
+Where the weights come from is the only difference between serving and training:
+
+* serving (:class:`PoolWeights`): rows of the paged pool (``aspen.lora_pool``), scale already folded into B;
+* training (``aspen.train``): trainable ``nn.Parameter`` A and B per (layer, projection); the op is written with
+  differentiable torch ops, so autograd reaches A and B (the base weights are frozen), and LoRA dropout, applied
+  to the segment's input here, uses one mask in forward and backward.
+
+A decode-heavy step with many distinct pooled adapters takes the batched path (:func:`_apply_gathered`): one
+gather of every row's pages and batched matmuls instead of a Python loop over segments (BGMV-like).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from aspen.batch import FlatBatch
+from aspen.lora_pool import LoraPool, PooledAdapter
+
+# a step whose segments are mostly single tokens takes the batched path once there are this many of them
+GATHER_MIN_SEGMENTS = 8
+
+
+class WeightSource(Protocol):
+    def group_weights(self, layer: int, group: str):
+        """(A [R, in], [(row0, row1, out0, out1, Bt [row1-row0, out])...]) or None if the group is untargeted."""
+
+
+@dataclass(frozen=True)
+class PoolWeights:
+    pool: LoraPool
+    adapter: PooledAdapter
+
+    def group_weights(self, layer: int, group: str):
+        g = self.adapter.groups.get(group)
+        if g is None:
+            return None
+        rows = self.pool.data[layer].index_select(0, g.rows)  # [R, width]
+        a = rows[:, :g.in_features]
+        parts = [(p.row_start, p.row_end, p.out_start, p.out_end,
+                  rows[p.row_start:p.row_end, g.in_features:g.in_features + p.out_end - p.out_start])
+                 for p in g.parts]
+        return a, parts
+
+
+@dataclass(frozen=True)
+class Segment:
+    tokens: slice | torch.Tensor  # the flat-batch tokens of this adapter
+    weights: WeightSource
+    dropout: float = 0.0
+
+
+class LoraBatch:
+    """Implements the model's ``LoraHook`` for one step."""
+
+    def __init__(self, segments: Sequence[Segment], pool: LoraPool | None = None,
+                 gathered: "_GatherPlan | None" = None) -> None:
+        self.segments = list(segments)
+        self.pool = pool
+        self.gathered = gathered
+
+    @classmethod
+    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool) -> "LoraBatch":
+        """Segments of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``."""
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        for s, slot in enumerate(batch.adapter_slots):
+            if slot >= 0 and adapters[slot] is not None:
+                by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
+        singles = [slot for slot, spans in by_slot.items() if len(spans) == 1 and spans[0][1] - spans[0][0] == 1]
+        gathered = None
+        if len(singles) >= GATHER_MIN_SEGMENTS:
+            gathered = _GatherPlan.build([(by_slot.pop(slot)[0][0], adapters[slot]) for slot in singles],
+                                         batch.input_ids.device)
+        segments = [Segment(_token_index(spans, batch.input_ids.device), PoolWeights(pool, adapters[slot]))
+                    for slot, spans in by_slot.items()]
+        return cls(segments, pool, gathered)
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        inplace = not torch.is_grad_enabled()
+        for seg in self.segments:
+            w = seg.weights.group_weights(layer, group)
+            if w is None:
+                continue
+            y = _apply_segment(x, y, seg.tokens, w, seg.dropout, inplace)
+        if self.gathered is not None:
+            y = self.gathered.apply(self.pool, layer, group, x, y)
+        return y
+
+
+def _token_index(spans: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
+    if len(spans) == 1:
+        return slice(*spans[0])
+    return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
+
+
+def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float,
+                   inplace: bool) -> torch.Tensor:
+    a, parts = weights
+    xs = x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
+    if dropout > 0:
+        xs = F.dropout(xs, p=dropout, training=True)
+    xa = xs @ a.t().to(xs.dtype)  # [n, R]
+    if inplace and isinstance(tokens, slice):
+        for r0, r1, o0, o1, bt in parts:
+            y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
+        return y
+    delta = torch.zeros(xa.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+    for r0, r1, o0, o1, bt in parts:
+        delta[:, o0:o1] = xa[:, r0:r1] @ bt.to(xa.dtype)
+    if isinstance(tokens, slice):
+        tokens = torch.arange(tokens.start, tokens.stop, device=y.device)
+    return y.index_add_(0, tokens, delta) if inplace else y.index_add(0, tokens, delta)
+
+
+@dataclass(frozen=True)
+class _GatherGroup:
+    rows: torch.Tensor  # [N, R] pool rows per token (0 = zero page pads shorter adapters)
+    in_features: int
+    parts: tuple[tuple[int, int, int, int], ...]  # (row0, row1, out0, out1) in the padded row layout
+
+
+@dataclass(frozen=True)
+class _GatherPlan:
+    tokens: torch.Tensor  # [N] flat token index of each single-token row
+    groups: dict[str, _GatherGroup]
+
+    @classmethod
+    def build(cls, rows: list[tuple[int, PooledAdapter]], device: torch.device) -> "_GatherPlan":
+        groups: dict[str, _GatherGroup] = {}
+        names = {g for _, ad in rows for g in ad.groups}
+        for g in names:
+            members = [ad.groups.get(g) for _, ad in rows]
+            ref = next(m for m in members if m is not None)
+            # per part, pad every adapter's rows to the largest rank present in this step
+            spans: dict[tuple[int, int], int] = {}
+            for m in members:
+                if m is None:
+                    continue
+                for p in m.parts:
+                    spans[(p.out_start, p.out_end)] = max(spans.get((p.out_start, p.out_end), 0),
+                                                          p.row_end - p.row_start)
+            layout, r0 = [], 0
+            for (o0, o1), width in sorted(spans.items()):
+                layout.append((r0, r0 + width, o0, o1))
+                r0 += width
+            table = torch.zeros((len(rows), r0), dtype=torch.long)
+            for i, m in enumerate(members):
+                if m is None:
+                    continue
+                for p in m.parts:
+                    dst = next(lay for lay in layout if lay[2] == p.out_start)
+                    table[i, dst[0]:dst[0] + p.row_end - p.row_start] = m.rows[p.row_start:p.row_end].cpu()
+            groups[g] = _GatherGroup(table.to(device), ref.in_features, tuple(layout))
+        tokens = torch.tensor([t for t, _ in rows], dtype=torch.long, device=device)
+        return cls(tokens, groups)
+
+    def apply(self, pool: LoraPool, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = self.groups.get(group)
+        if g is None:
+            return y
+        w = pool.data[layer][g.rows]  # [N, R, width]
+        xs = x.index_select(0, self.tokens).to(w.dtype)  # [N, in]
+        xa = torch.bmm(w[:, :, :g.in_features], xs.unsqueeze(2)).squeeze(2)  # [N, R]
+        delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+        for r0, r1, o0, o1 in g.parts:
+            bt = w[:, r0:r1, g.in_features:g.in_features + o1 - o0]  # [N, r, out]
+            delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
+        return y.index_add_(0, self.tokens, delta)

@@ -1,0 +1,130 @@
+"""The paged device pool that holds every resident LoRA adapter (in the spirit of S-LoRA's unified pool).
+
+Layout
+------
+``data`` is one tensor ``[num_layers, num_pages + 1, page_width]``. A *page* is one rank row of one projection,
+for every layer at once: page ``p`` of layer ``l`` holds, for the projection ``m`` it was given to,
+
+    data[l, p, :in_m]               = row j of lora_A  (A is [r, in_m])
+    data[l, p, in_m : in_m + out_m] = column j of lora_B, times the module's scale (B is [out_m, r])
+
+so an adapter of rank ``r`` on projection ``m`` occupies exactly ``r`` pages, adapters of different ranks sit
+side by side with no padding to a maximum rank, and a freed page is reused by any adapter for any projection.
+``page_width = max_m(in_m + out_m)``: rows of narrower projections leave the tail of their page unused (for a
+Llama MLP with intermediate = 8/3 hidden, attention pages use about half their width) — the price of one pool
+that any mix of targets can share; page 0 is kept all-zero as padding. Where ``rank_pattern`` gives a module a
+smaller rank in some layers, those layers' extra rows stay zero. The LoRA scale (alpha/r or alpha/sqrt(r),
+after alpha_pattern) is folded into B on the way in, so the op never multiplies by it.
+
+Which pages an adapter holds is decided by the pure-Python adapter cache (``engine.adapter_cache``); the pool
+only writes and reads rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aspen.config import LORA_TARGETS, ModelConfig
+from aspen.model import GROUPS
+
+
+@dataclass(frozen=True)
+class GroupPart:
+    """One projection inside a packed group: its rows in the gathered A and its slice of the group output."""
+
+    row_start: int
+    row_end: int
+    out_start: int
+    out_end: int
+
+
+@dataclass(frozen=True)
+class PooledGroup:
+    rows: torch.Tensor  # [R] long: pool pages of the group's projections, part after part
+    in_features: int
+    parts: tuple[GroupPart, ...]
+
+
+@dataclass(frozen=True)
+class PooledAdapter:
+    """An adapter resident in the pool: per projection group, the pages to read (None = group not targeted)."""
+
+    pages: tuple[int, ...]
+    groups: dict[str, PooledGroup]
+    max_rank: int
+
+
+def module_ranks(adapter) -> dict[str, int]:
+    """Rows each targeted projection needs: its largest rank over layers."""
+    ranks: dict[str, int] = {}
+    for (_, module), w in adapter.weights.items():
+        ranks[module] = max(ranks.get(module, 0), w.A.shape[0])
+    return ranks
+
+
+def pages_needed(adapter) -> int:
+    return sum(module_ranks(adapter).values())
+
+
+class LoraPool:
+    def __init__(self, config: ModelConfig, num_pages: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if num_pages <= 0:
+            raise ValueError(f"the LoRA pool needs num_pages > 0, got {num_pages}")
+        self.config = config
+        self.num_pages = num_pages
+        self.width = max(sum(config.module_shape(m)) for m in LORA_TARGETS)
+        self.data = torch.zeros((config.num_hidden_layers, num_pages + 1, self.width), dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_page(config: ModelConfig, dtype: torch.dtype) -> int:
+        width = max(sum(config.module_shape(m)) for m in LORA_TARGETS)
+        return config.num_hidden_layers * width * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def write(self, adapter, pages: list[int]) -> PooledAdapter:
+        """Copy ``adapter`` (an :class:`aspen.peft_io.LoraAdapter`) into ``pages`` (ids 0..num_pages-1)."""
+        ranks = module_ranks(adapter)
+        need = sum(ranks.values())
+        if len(pages) != need:
+            raise ValueError(f"adapter needs {need} pages, got {len(pages)}")
+        rows = [p + 1 for p in pages]  # row 0 is the zero page
+        if min(rows) < 1 or max(rows) > self.num_pages:
+            raise ValueError(f"page ids must be in [0, {self.num_pages}), got {pages}")
+        module_rows: dict[str, list[int]] = {}
+        it = iter(rows)
+        for m in LORA_TARGETS:
+            if m in ranks:
+                module_rows[m] = [next(it) for _ in range(ranks[m])]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.data.device)
+        self.data[:, idx] = 0
+        for (layer, m), w in adapter.weights.items():
+            in_f, out_f = self.config.module_shape(m)
+            r = w.A.shape[0]
+            block = torch.cat([w.A.float(), (w.B.float() * w.scale).t()], dim=1)  # [r, in + out]
+            dst = torch.tensor(module_rows[m][:r], dtype=torch.long, device=self.data.device)
+            self.data[layer, dst, :in_f + out_f] = block.to(self.data.device, self.data.dtype)
+        groups = {}
+        for g, members in GROUPS.items():
+            targeted = [m for m in members if m in module_rows]
+            if not targeted:
+                continue
+            parts, g_rows, out0 = [], [], 0
+            for m in members:
+                out_f = self.config.module_shape(m)[1]
+                if m in module_rows:
+                    parts.append(GroupPart(len(g_rows), len(g_rows) + len(module_rows[m]), out0, out0 + out_f))
+                    g_rows.extend(module_rows[m])
+                out0 += out_f
+            groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device),
+                                    self.config.module_shape(members[0])[0], tuple(parts))
+        return PooledAdapter(tuple(pages), groups, max(ranks.values()))
+
+    def clear(self, pooled: PooledAdapter) -> None:
+        """Zero an adapter's pages (not needed for correctness: pages are overwritten on reuse)."""
+        idx = torch.tensor([p + 1 for p in pooled.pages], dtype=torch.long, device=self.data.device)
+        self.data[:, idx] = 0
