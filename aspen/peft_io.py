@@ -1,0 +1,425 @@
+"""Read and write LoRA adapters in the Hugging Face PEFT format, validated against our base model.
+
+An adapter directory holds ``adapter_config.json`` (parsed by :mod:`aspen.peft_config`) and
+``adapter_model.safetensors`` (or, only on request, the legacy pickled ``adapter_model.bin``).
+
+Key mapping. PEFT saves one pair of tensors per adapted projection::
+
+    base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_A.weight   [r, in_features]
+    base_model.model.model.layers.{i}.mlp.{gate,up,down}_proj.lora_B.weight    [out_features, r]
+
+We map each key to ``(layer i, projection, A|B)``. The ``base_model.model.`` and ``model.`` prefixes are
+optional, and an adapter-name infix (``lora_A.default.weight``) is accepted. Keys of DoRA
+(``lora_magnitude_vector``), embedding LoRA (``lora_embedding_A/B``), ``lora_B`` biases, ``modules_to_save`` and
+trainable tokens are refused; any other key we cannot map is refused as an extra key. The delta a module adds is
+``scale * B @ A`` applied to the input, i.e. ``y += scale * (x @ A.T) @ B.T``.
+
+``fan_in_fan_out`` only describes the *base* layer's layout in PEFT (its LoRA tensors keep the shapes above, and
+PEFT resets the flag to false for ``nn.Linear``). With the flag set we therefore take tensors of the standard
+shapes as they are, and transpose tensors stored the other way round ([in, r] / [r, out]) back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from aspen.config import LORA_TARGETS, ModelConfig
+from aspen.errors import AdapterError
+from aspen.peft_config import (
+    ATTN_PROJS,
+    CONFIG_NAME,
+    PeftLoraConfig,
+    module_name,
+    parse_lora_config,
+    read_adapter_config,
+)
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+# config fields save_peft_adapter computes itself; extra_config may not override them
+_MATH_FIELDS = frozenset({"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+                          "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "fan_in_fan_out",
+                          "bias", "use_dora", "lora_bias", "modules_to_save"})
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)"
+                  r"\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$")
+_UNSUPPORTED_KEYS = (  # (pattern searched in the key, what it is)
+    (re.compile(r"lora_magnitude_vector"), "DoRA magnitude vectors (lora_magnitude_vector)"),
+    (re.compile(r"lora_embedding_"), "embedding LoRA (lora_embedding_A/B)"),
+    (re.compile(r"\.lora_B(\.[^.]+)?\.bias$"), "lora_B biases (lora_bias)"),
+    (re.compile(r"modules_to_save|original_module"), "modules_to_save weights"),
+    (re.compile(r"trainable_tokens"), "trainable token weights"),
+)
+
+
+def _order(key: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a (layer, projection) pair: by layer, then in the model's projection order."""
+    return key[0], LORA_TARGETS.index(key[1])
+
+
+@dataclass(frozen=True, eq=False)
+class LoraWeights:
+    """One adapted projection: ``delta(x) = scale * (x @ A.T) @ B.T``."""
+
+    A: torch.Tensor  # [r, in_features] float32, contiguous (PEFT's lora_A.weight)
+    B: torch.Tensor  # [out_features, r] float32, contiguous (PEFT's lora_B.weight)
+    scale: float  # alpha / r, or alpha / sqrt(r) with use_rslora
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.B.dim() != 2 or self.A.shape[0] != self.B.shape[1] or self.A.shape[0] == 0:
+            raise ValueError(f"LoraWeights needs A [r, in] and B [out, r] with r > 0, got A "
+                             f"{list(self.A.shape)} and B {list(self.B.shape)}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"LoraWeights scale must be finite, got {self.scale}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A validated LoRA adapter: weights per (layer index, projection name)."""
+
+    weights: Mapping[tuple[int, str], LoraWeights]
+    target_modules: tuple[str, ...]  # sorted subset of LORA_TARGETS actually present
+    base_model_name_or_path: str | None = None
+    source: str = ""  # directory it was read from ("" if built in memory)
+
+    def __post_init__(self) -> None:
+        for layer, proj in self.weights:
+            if proj not in LORA_TARGETS or layer < 0:
+                raise ValueError(f"bad adapter module ({layer}, {proj!r}); projections are {LORA_TARGETS}")
+        present = tuple(sorted({p for _, p in self.weights}))
+        if tuple(self.target_modules) != present:
+            raise ValueError(f"target_modules {self.target_modules} != projections present {present}")
+        object.__setattr__(self, "weights", MappingProxyType(
+            dict(sorted(self.weights.items(), key=lambda kv: _order(kv[0])))))
+
+    @property
+    def max_rank(self) -> int:
+        return max((w.rank for w in self.weights.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for layer, _ in self.weights}))
+
+    def ranks(self) -> dict[tuple[int, str], int]:
+        return {k: w.rank for k, w in self.weights.items()}
+
+    def scales(self) -> dict[tuple[int, str], float]:
+        return {k: w.scale for k, w in self.weights.items()}
+
+    def get(self, layer: int, proj: str) -> LoraWeights | None:
+        return self.weights.get((layer, proj))
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
+def _list_keys(keys: Iterable[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _read_tensors(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st_file, bin_file = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, PICKLE_NAME)
+    if os.path.isfile(st_file):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(st_file, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open has no __iter__
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # truncated / corrupt file
+            raise AdapterError(f"{st_file}: cannot read safetensors file ({e})") from None
+    if os.path.isfile(bin_file):
+        if not allow_pickle:
+            raise AdapterError(f"adapter {path!r} only has a pickled {PICKLE_NAME}; pickle adapters are refused "
+                               "unless allowed (allow_pickle=True / --allow-pickle-adapters); prefer converting "
+                               f"it to {SAFETENSORS_NAME}")
+        try:
+            with open(bin_file, "rb") as f:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- unpickling raises many types; name the file
+            raise AdapterError(f"{bin_file}: cannot load ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise AdapterError(f"{bin_file}: expected a dict of name -> tensor")
+        return sd
+    raise AdapterError(f"adapter directory {path!r} has neither {SAFETENSORS_NAME} nor {PICKLE_NAME}")
+
+
+def _same_base(a: str, b: str) -> bool:
+    def base(s: str) -> str:
+        return os.path.basename(s.rstrip("/\\"))
+
+    return a == b or base(a) == base(b)
+
+
+def _module_tensors(tensors: Mapping[str, torch.Tensor], where: str, num_layers: int
+                    ) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """Group keys into {(layer, proj): {"lora_A": t, "lora_B": t}}; refuse anything else."""
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    seen: dict[tuple[int, str, str], str] = {}
+    extra: list[str] = []
+    for key, t in tensors.items():
+        for pat, what in _UNSUPPORTED_KEYS:
+            if pat.search(key):
+                bad = [k for k in tensors if pat.search(k)]
+                raise AdapterError(f"{where}: contains {what}, which is not supported: {_list_keys(bad)}")
+        m = _KEY.match(key)
+        if m is None or m.group(3) not in LORA_TARGETS or (m.group(2) == "self_attn") != (
+                m.group(3) in LORA_TARGETS[:4]):
+            extra.append(key)
+            continue
+        layer, proj, kind = int(m.group(1)), m.group(3), m.group(4)
+        if (layer, proj, kind) in seen:
+            raise AdapterError(f"{where}: two tensors for {kind} of layers.{layer} {proj}: "
+                               f"{seen[layer, proj, kind]} and {key}")
+        seen[layer, proj, kind] = key
+        parts.setdefault((layer, proj), {})[kind] = t
+    if extra:
+        raise AdapterError(f"{where}: extra keys that are not LoRA A/B weights of the projections "
+                           f"{LORA_TARGETS}: {_list_keys(extra)}")
+    out_of_range = sorted({layer for layer, _ in parts if layer >= num_layers})
+    if out_of_range:
+        raise AdapterError(f"{where}: weights for layer(s) {out_of_range}, but the base model has {num_layers} "
+                           f"layers (0..{num_layers - 1})")
+    lonely = [f"{module_name(*k)} has {next(iter(d))} but no {'lora_B' if 'lora_A' in d else 'lora_A'}"
+              for k, d in sorted(parts.items(), key=lambda kv: _order(kv[0])) if len(d) != 2]
+    if lonely:
+        raise AdapterError(f"{where}: missing partner tensor: {'; '.join(lonely[:6])}")
+    return parts
+
+
+def _check_module(A: torch.Tensor, B: torch.Tensor, name: str, where: str, shape: tuple[int, int],
+                  fan_in_fan_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    in_f, out_f = shape
+    short = name.removeprefix("model.")
+    for kind, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{where}: {kind} of {short} has dtype {t.dtype}; expected a floating-point "
+                               "tensor (float32, float16 or bfloat16)")
+        if t.dim() != 2:
+            raise AdapterError(f"{where}: {kind} of {short} has shape {list(t.shape)}; expected a matrix")
+    standard = A.shape[1] == in_f and B.shape[0] == out_f and A.shape[0] == B.shape[1]
+    if not standard and fan_in_fan_out and A.shape[0] == in_f and B.shape[1] == out_f and A.shape[1] == B.shape[0]:
+        A, B = A.t(), B.t()  # stored as [in, r] / [r, out]
+    elif A.shape[1] != in_f:
+        raise AdapterError(f"{where}: lora_A of {short} has shape {list(A.shape)}, base expects "
+                           f"[{A.shape[0]}, {in_f}]")
+    elif B.shape[0] != out_f:
+        raise AdapterError(f"{where}: lora_B of {short} has shape {list(B.shape)}, base expects "
+                           f"[{out_f}, {B.shape[1]}]")
+    elif A.shape[0] != B.shape[1] or A.shape[0] == 0:
+        raise AdapterError(f"{where}: lora_A of {short} has rank {A.shape[0]} but lora_B has rank {B.shape[1]}")
+    A = A.to(torch.float32).contiguous()
+    B = B.to(torch.float32).contiguous()
+    for kind, t in (("lora_A", A), ("lora_B", B)):
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{where}: {kind} of {short} contains NaN or Inf values")
+    return A, B
+
+
+def load_peft_adapter(path: str, config: ModelConfig, *, allow_pickle: bool = False,
+                      expected_base: str | None = None) -> LoraAdapter:
+    """Read and fully validate the PEFT LoRA adapter in directory `path` for the base model `config`.
+
+    Raises AdapterNotFoundError when `path` or its adapter_config.json is missing, AdapterError for anything
+    malformed, unsupported or not fitting `config`; warns (UserWarning) when `expected_base` differs from the
+    base model the adapter names.
+    """
+    path = os.fspath(path)
+    raw = read_adapter_config(path)
+    cfg = parse_lora_config(raw, path, config)
+    where = f"adapter {path!r}"
+    base = cfg.base_model_name_or_path
+    if expected_base and base and not _same_base(base, expected_base):
+        warnings.warn(f"{where} was trained on base model {base!r} but is being loaded on {expected_base!r}",
+                      UserWarning, stacklevel=2)
+    tensors = _read_tensors(path, allow_pickle)
+    parts = _module_tensors(tensors, where, config.num_hidden_layers)
+    if not parts:
+        raise AdapterError(f"{where}: contains no LoRA weights")
+    targeted = cfg.targeted(config)
+    untargeted = [module_name(*k) for k in sorted(parts, key=_order) if k not in targeted]
+    if untargeted:
+        raise AdapterError(f"{where}: has weights for modules that {CONFIG_NAME} does not target (target_modules="
+                           f"{cfg.target_modules!r}, layers_to_transform={cfg.layers_to_transform}): "
+                           f"{_list_keys(untargeted)}")
+    weights: dict[tuple[int, str], LoraWeights] = {}
+    for (layer, proj), d in sorted(parts.items(), key=lambda kv: _order(kv[0])):
+        name = module_name(layer, proj)
+        A, B = _check_module(d["lora_A"], d["lora_B"], name, where, config.module_shape(proj), cfg.fan_in_fan_out)
+        rank = A.shape[0]
+        if rank != cfg.rank_for(name):
+            raise AdapterError(f"{where}: {name.removeprefix('model.')} has rank {rank} but {CONFIG_NAME} gives "
+                               f"it r={cfg.rank_for(name)} (r / rank_pattern)")
+        weights[layer, proj] = LoraWeights(A, B, cfg.scale_for(name, rank))
+    return LoraAdapter(weights=weights, target_modules=tuple(sorted({p for _, p in weights})),
+                       base_model_name_or_path=base, source=path)
+
+
+def _alpha_for(scale: float, rank: int, use_rslora: bool) -> float | int:
+    """An alpha with alpha / r (or alpha / sqrt(r)) == scale exactly, preferring integers."""
+    denom = math.sqrt(rank) if use_rslora else rank
+    guess = scale * denom
+    cands: list[float | int] = [round(guess), guess]
+    lo = hi = guess
+    for _ in range(64):
+        lo, hi = math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf)
+        cands += [lo, hi]
+    for a in cands:
+        if a / denom == scale:
+            return a
+    raise AdapterError(f"cannot express scale {scale!r} at rank {rank} as an alpha that round-trips exactly")
+
+
+def _patterns(values: Mapping[tuple[int, str], float], default: float) -> dict[str, float | int]:
+    """Per-module exceptions to `default`: projection-wide keys, preceded by full-name keys (first match wins)."""
+    by_proj: dict[str, float] = {}
+    for proj in LORA_TARGETS:
+        vals = [v for (_, p), v in values.items() if p == proj]
+        if vals:
+            by_proj[proj] = Counter(vals).most_common(1)[0][0]
+    specific = {module_name(*k): v for k, v in sorted(values.items()) if v != by_proj[k[1]]}
+    wide = {p: v for p, v in by_proj.items() if v != default}
+    return {**specific, **wide}
+
+
+def _most_common(values: Iterable[float | int]) -> float | int:
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def _targets(adapter: LoraAdapter) -> tuple[list[str] | str, list[int] | None]:
+    """target_modules and layers_to_transform that make PEFT adapt exactly the modules present.
+
+    When every projection covers the same layers: the projection list plus those layers; otherwise a regex
+    naming each module (so PEFT creates no zero-initialised modules for the gaps).
+    """
+    layers = {p: sorted(layer for layer, q in adapter.weights if q == p) for p in adapter.target_modules}
+    sets = list(layers.values())
+    if all(s == sets[0] for s in sets):
+        return list(adapter.target_modules), sets[0]
+    alts = []
+    for p, ls in layers.items():
+        block = "self_attn" if p in ATTN_PROJS else "mlp"
+        alts.append(rf"model\.layers\.(?:{'|'.join(map(str, ls))})\.{block}\.{p}")
+    return "|".join(alts), None
+
+
+def peft_config_dict(adapter: LoraAdapter, *, base_model_name_or_path: str | None = None, r: int | None = None,
+                     lora_alpha: float | None = None, use_rslora: bool = False) -> dict:
+    """The adapter_config.json PEFT would write for `adapter`, with patterns so every scale round-trips."""
+    if not adapter.weights:
+        raise AdapterError("cannot save an adapter without weights")
+    if r is not None and (not isinstance(r, int) or r <= 0):
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    ranks = adapter.ranks()
+    alphas = {k: _alpha_for(w.scale, w.rank, use_rslora) for k, w in adapter.weights.items()}
+    r = r if r is not None else _most_common(ranks.values())
+    lora_alpha = lora_alpha if lora_alpha is not None else _most_common(alphas.values())
+    targets, transform = _targets(adapter)
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path or adapter.base_model_name_or_path,
+        "r": r, "lora_alpha": lora_alpha, "use_rslora": use_rslora,
+        "target_modules": targets,
+        "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, lora_alpha),
+        "layers_to_transform": transform, "layers_pattern": None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "use_dora": False, "lora_bias": False, "inference_mode": True,
+    }
+    check = PeftLoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, rank_pattern=cfg["rank_pattern"],
+                           alpha_pattern=cfg["alpha_pattern"],
+                           target_modules=targets if isinstance(targets, str) else tuple(targets),
+                           layers_to_transform=None if transform is None else tuple(transform))
+    for (layer, proj), w in adapter.weights.items():
+        name = module_name(layer, proj)
+        if not check.targets(name) or check.rank_for(name) != w.rank or check.scale_for(name, w.rank) != w.scale:
+            raise AdapterError(f"internal error: {name} would not round-trip through the saved config")
+    return cfg
+
+
+def save_peft_adapter(adapter: LoraAdapter, out_dir: str, *, base_model_name_or_path: str | None = None,
+                      r: int | None = None, lora_alpha: float | None = None, use_rslora: bool = False,
+                      extra_config: dict | None = None) -> None:
+    """Write `adapter` to `out_dir` in PEFT's format, atomically (an existing out_dir is replaced when complete)."""
+    from safetensors.torch import save_file
+
+    cfg = peft_config_dict(adapter, base_model_name_or_path=base_model_name_or_path, r=r, lora_alpha=lora_alpha,
+                           use_rslora=use_rslora)
+    clash = sorted(set(extra_config or {}) & _MATH_FIELDS)
+    if clash:
+        raise ValueError(f"extra_config may not override {clash}")
+    cfg.update(extra_config or {})
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, proj), w in adapter.weights.items():
+        prefix = f"base_model.model.{module_name(layer, proj)}"
+        tensors[f"{prefix}.lora_A.weight"] = w.A.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = w.B.detach().to("cpu", torch.float32).contiguous()
+
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AdapterError(f"cannot save adapter to {out_dir!r}: it exists and is not a directory")
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+            f.write("\n")
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, name))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def random_adapter(config: ModelConfig, rank: int, targets: Sequence[str], seed: int, alpha: float | None = None,
+                   layers: Iterable[int] | None = None) -> LoraAdapter:
+    """A synthetic adapter with random A and B (N(0, 1/in) and N(0, 0.01/r)); scale alpha / rank (alpha: 2 * rank)."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets or rank <= 0:
+        raise ValueError(f"random_adapter needs rank > 0 and targets among {LORA_TARGETS}; got {rank}, {targets}")
+    layer_list = sorted(set(range(config.num_hidden_layers) if layers is None else layers))
+    if any(not 0 <= i < config.num_hidden_layers for i in layer_list) or not layer_list:
+        raise ValueError(f"layers must be within 0..{config.num_hidden_layers - 1}, got {layer_list}")
+    scale = (2.0 * rank if alpha is None else alpha) / rank
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in layer_list:
+        for proj in (p for p in LORA_TARGETS if p in targets):
+            in_f, out_f = config.module_shape(proj)
+            A = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
+            B = torch.randn(out_f, rank, generator=gen) * (0.1 / math.sqrt(rank))
+            weights[layer, proj] = LoraWeights(A, B, scale)
+    return LoraAdapter(weights=weights, target_modules=tuple(sorted(set(targets))))
