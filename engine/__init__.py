@@ -1,1 +1,26 @@
-"""ASPEN serve engine: scheduling, batching, KV blocks, adapter cache, gRPC server."""
+"""ASPEN serve engine: scheduling, continuous batching, KV blocks, adapter cache, gRPC server.
+
+The bookkeeping modules (scheduler, block manager, adapter cache) import no torch; the public names below load
+lazily so importing them stays cheap.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput", "AsyncLLMEngine"]
+
+_LAZY = {
+    "LLMEngine": "engine.llm_engine",
+    "AsyncLLMEngine": "engine.async_engine",
+    "SamplingParams": "engine.sampling_params",
+    "EngineConfig": "engine.config",
+    "RequestOutput": "engine.outputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,256 @@
+"""LLMEngine: many concurrent requests, each for its own adapter, turned into one stream of flat steps.
+
+    step() = apply queued adds/aborts -> scheduler.schedule() -> runner.run() -> scheduler.on_step_done()
+             -> per sampled token: detokenize, check stop conditions, finish -> outputs
+
+``add_request`` and ``abort`` may be called from any thread: they validate at once (so bad input fails in the
+caller) and queue a command that the next ``step`` applies. ``generate`` drives ``step`` itself; the server
+uses :class:`engine.async_engine.AsyncLLMEngine`, which drives it from a background thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Sequence
+
+import aspen
+from aspen.errors import AdapterNotFoundError
+from aspen.kv_cache import KVCache
+from aspen.lora_pool import LoraPool
+from engine.adapter_backend import LoraBackend
+from engine.adapter_cache import AdapterCache, AdapterInfo
+from engine.adapter_paths import list_adapter_dirs, validate_adapter_id
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.request import FinishReason, Request
+from engine.request_state import RequestState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+
+log = logging.getLogger("aspen.engine")
+
+
+class LLMEngine:
+    def __init__(self, model: str = "demo", adapter_dir: str | None = None, quantize: str | None = None,
+                 dtype: str = "float32", device: str = "cpu", config: EngineConfig | None = None,
+                 progress: bool = True, **options) -> None:
+        cfg = config or EngineConfig(**options)
+        if config is not None and options:
+            raise TypeError("pass either config=EngineConfig(...) or keyword options, not both")
+        self.config = cfg
+        if model == "demo":
+            from aspen.demo import ensure_demo_base
+
+            model = ensure_demo_base()
+        self.model = aspen.load_model(model, dtype=dtype, quantize=quantize, device=device, progress=progress)
+        self.tokenizer = self.model.tokenizer
+        mc = self.model.config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_blocks = cfg.num_kv_blocks or cfg.kv_cache_bytes // KVCache.bytes_per_block(
+            mc, cfg.block_size, self.model.dtype)
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len="
+                             f"{self.max_model_len}: raise kv_cache_bytes/num_kv_blocks or lower max_model_len")
+        pages = cfg.lora_pool_pages or max(1, cfg.lora_pool_bytes // LoraPool.bytes_per_page(mc, self.model.dtype))
+        pool = LoraPool(mc, pages, dtype=self.model.dtype, device=self.model.device)
+        self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
+        if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
+            raise AdapterNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
+        self.adapters = None
+        if self.adapter_dir is not None:
+            backend = LoraBackend(self.model, pool, allow_pickle=cfg.allow_pickle_adapters)
+            self.adapters = AdapterCache(self.adapter_dir, backend, cfg.host_adapter_bytes, pages)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                            max_model_len=self.max_model_len, chunked_prefill=cfg.chunked_prefill,
+                            max_waiting=cfg.max_waiting, max_head_skips=cfg.max_head_skips),
+            self.block_manager, self.adapters)
+        kv = self.model.new_kv_cache(num_blocks, cfg.block_size)
+        self.runner = ModelRunner(self.model, kv, pool, seed=cfg.seed)
+        self._states: dict[str, RequestState] = {}
+        self._commands: deque[tuple[str, object]] = deque()
+        self._lock = threading.Lock()  # guards _commands and _states membership
+        self._step_lock = threading.Lock()  # one step at a time
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    adapter_id: str | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises on bad input, nothing is queued then."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._prompt_ids(prompt)
+        params.check_context(len(ids), self.max_model_len)
+        params.check_vocab(self.model.config.vocab_size)
+        if adapter_id is not None:
+            self._require_adapter(adapter_id)
+        rid = request_id if request_id is not None else uuid.uuid4().hex
+        state = RequestState(Request(rid, ids, params, adapter_id), self.tokenizer, self.model.device)
+        with self._lock:
+            if rid in self._states:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            queued = self.scheduler.num_waiting + sum(1 for c, _ in self._commands if c == "add")
+            if self.config.max_waiting and queued >= self.config.max_waiting:
+                raise QueueFullError(self.config.max_waiting)
+            self._states[rid] = state
+            self._commands.append(("add", state.request))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its KV blocks and adapter pin are freed at the next step boundary."""
+        with self._lock:
+            self._commands.append(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return bool(self._commands) or self.scheduler.has_unfinished()
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenize(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
+        return ids
+
+    def _require_adapter(self, adapter_id: str) -> None:
+        validate_adapter_id(adapter_id)
+        if self.adapters is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
+        self.adapters.prefetch(adapter_id)  # registers just in time, reads and validates it (raises if bad)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        with self._step_lock:
+            outputs = self._apply_commands()
+            out = self.scheduler.schedule()
+            for req in out.failed:
+                outputs.append(self._pop(req.request_id).output(error=req.error))
+            if not out.chunks:
+                return outputs
+            try:
+                sampled, result = self.runner.run(out.chunks, self.adapters.device_handle if self.adapters else None,
+                                                  lambda rid: self._states[rid].sampling)
+            except Exception as e:  # contain a failing step: fail its requests, keep serving the rest
+                log.exception("step failed; failing its %d requests", len(out.chunks))
+                for c in out.chunks:
+                    if not c.request.is_finished:
+                        self.scheduler.finish(c.request, FinishReason.ERROR)
+                        outputs.append(self._pop(c.request.request_id).output(error=e))
+                return outputs
+            tokens = {c.request.request_id: t for c, t in zip(sampled, result.token_ids if result else [])}
+            self.scheduler.on_step_done(out, tokens)
+            now = time.monotonic()
+            for i, c in enumerate(sampled):
+                state = self._states[c.request.request_id]
+                reason = state.on_token(result, i, self.model.config.eos_token_ids, self.max_model_len, now)
+                if reason is not None:
+                    self.scheduler.finish(c.request, reason)
+                    self._pop(c.request.request_id)
+                outputs.append(state.output())
+            return outputs
+
+    def _apply_commands(self) -> list[RequestOutput]:
+        outputs = []
+        with self._lock:
+            commands = list(self._commands)
+            self._commands.clear()
+        for kind, arg in commands:
+            if kind == "add":
+                self.scheduler.add(arg)
+            elif kind == "abort":
+                req = self.scheduler.abort(arg)
+                if req is not None and arg in self._states:
+                    outputs.append(self._pop(arg).output())
+        return outputs
+
+    def _pop(self, request_id: str) -> RequestState:
+        with self._lock:
+            return self._states.pop(request_id)
+
+    # ------------------------------------------------------------------ offline API
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapters: Sequence[str | None] | str | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order. ``adapters[i]`` None = base model."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
+        chosen = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
+        if len(params) != n or len(chosen) != n:
+            raise ValueError(f"{n} prompts need {n} sampling params and adapters, got {len(params)} and {len(chosen)}")
+        ids = [self.add_request(p, sp, a) for p, sp, a in zip(prompts, params, chosen)]
+        final: dict[str, RequestOutput] = {}
+        from tqdm import tqdm
+
+        with tqdm(total=n, desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while len(final) < n:
+                for o in self.step():
+                    if o.finished and o.request_id in ids:
+                        final[o.request_id] = o
+                        bar.update(1)
+        return [final[i] for i in ids]
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, adapter_id: str, path: str | None = None) -> AdapterInfo:
+        """Register ``adapter_id`` for the directory ``path`` (inside the adapter root; default: the id itself)
+        and read it now so a bad adapter fails here. Nothing stays registered if it fails."""
+        validate_adapter_id(adapter_id)
+        if self.adapters is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
+        if path is not None and os.path.isabs(path):
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, self.adapter_dir]) == self.adapter_dir:
+                path = os.path.relpath(real, self.adapter_dir)
+        self.adapters.register(adapter_id, path)
+        try:
+            self.adapters.prefetch(adapter_id)
+        except Exception:
+            self.adapters.unregister(adapter_id)
+            raise
+        return next(i for i in self.adapters.info() if i.adapter_id == adapter_id)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter; raises AdapterBusyError while running requests use it."""
+        if self.adapters is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
+        self.adapters.unregister(adapter_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Registered adapters (any tier) plus adapter directories on disk not loaded yet."""
+        if self.adapters is None:
+            return []
+        known = self.adapters.info()
+        seen = {i.adapter_id for i in known}
+        on_disk = [AdapterInfo(adapter_id=a, path=os.path.join(self.adapter_dir, a), tier="disk", pins=0,
+                               num_pages=None, nbytes=None, generation=0)
+                   for a in list_adapter_dirs(self.adapter_dir) if a not in seen]
+        return known + on_disk
+
+    # ------------------------------------------------------------------ invariants
+    def check_invariants(self) -> dict[str, int]:
+        """Check every bookkeeping invariant; returns the resources still in use."""
+        self.block_manager.check_invariants()
+        self.scheduler.check_invariants()
+        if self.adapters is not None:
+            self.adapters.check_invariants()
+        return {"kv_blocks_used": self.block_manager.num_used_blocks,
+                "adapter_pins": self.adapters.pinned_count() if self.adapters else 0,
+                "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "tracked": len(self._states)}
