@@ -123,7 +123,8 @@ def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tenso
         delta[:, o0:o1] = xa[:, r0:r1] @ bt.to(xa.dtype)
     if isinstance(tokens, slice):
         tokens = torch.arange(tokens.start, tokens.stop, device=y.device)
-    return y.index_add_(0, tokens, delta) if inplace else y.index_add(0, tokens, delta)
+    # index_put with accumulate: much faster on CPU than index_add_ for a few scattered rows
+    return y.index_put_((tokens,), delta, accumulate=True) if inplace else y.index_put((tokens,), delta, accumulate=True)
 
 
 @dataclass(frozen=True)
@@ -179,4 +180,4 @@ class _GatherPlan:
         for r0, r1, o0, o1 in g.parts:
             bt = w[:, r0:r1, g.in_features:g.in_features + o1 - o0]  # [N, r, out]
             delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
-        return y.index_add_(0, self.tokens, delta)
+        return y.index_put_((self.tokens,), delta, accumulate=True)
