@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from aspen.batch import FlatBatch
+from aspen.lora_kernel import bgmv_add
 from aspen.lora_pool import LoraPool, PooledAdapter
 
 # a step whose segments are mostly single tokens takes the batched path once there are this many of them
@@ -112,8 +113,12 @@ def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tenso
     a, parts = weights
     xs = x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
     if dropout > 0:
-        xs = F.dropout(xs, p=dropout, training=True)
-    xa = xs @ a.t().to(xs.dtype)  # [n, R]
+        # like PEFT, every projection draws its own dropout mask on its input; autograd keeps each mask for
+        # the backward pass, so forward and backward see the same dropped units
+        xa = torch.cat([F.dropout(xs, p=dropout, training=True) @ a[r0:r1].t().to(xs.dtype)
+                        for r0, r1, *_ in parts], dim=1)
+    else:
+        xa = xs @ a.t().to(xs.dtype)  # [n, R]: one shrink for every packed projection
     if inplace and isinstance(tokens, slice):
         for r0, r1, o0, o1, bt in parts:
             y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
@@ -132,6 +137,7 @@ class _GatherGroup:
     rows: torch.Tensor  # [N, R] pool rows per token (0 = zero page pads shorter adapters)
     in_features: int
     parts: tuple[tuple[int, int, int, int], ...]  # (row0, row1, out0, out1) in the padded row layout
+    parts_tensor: torch.Tensor  # the same, [K, 4] long on the CPU, for the kernel
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,8 @@ class _GatherPlan:
                 for p in m.parts:
                     dst = next(lay for lay in layout if lay[2] == p.out_start)
                     table[i, dst[0]:dst[0] + p.row_end - p.row_start] = m.rows[p.row_start:p.row_end].cpu()
-            groups[g] = _GatherGroup(table.to(device), ref.in_features, tuple(layout))
+            groups[g] = _GatherGroup(table.to(device), ref.in_features, tuple(layout),
+                                     torch.tensor(layout, dtype=torch.long))
         tokens = torch.tensor([t for t, _ in rows], dtype=torch.long, device=device)
         return cls(tokens, groups)
 
@@ -173,11 +180,14 @@ class _GatherPlan:
         g = self.groups.get(group)
         if g is None:
             return y
-        w = pool.data[layer][g.rows]  # [N, R, width]
-        xs = x.index_select(0, self.tokens).to(w.dtype)  # [N, in]
-        xa = torch.bmm(w[:, :, :g.in_features], xs.unsqueeze(2)).squeeze(2)  # [N, R]
+        if bgmv_add(y, x, pool.data[layer], self.tokens, g.rows, g.parts_tensor, g.in_features):
+            return y
+        data = pool.data[layer]
+        xs = x.index_select(0, self.tokens).to(data.dtype)  # [N, in]
+        a = data[g.rows, :g.in_features]  # [N, R, in]: gathers only the A columns
+        xa = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [N, R]
         delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
         for r0, r1, o0, o1 in g.parts:
-            bt = w[:, r0:r1, g.in_features:g.in_features + o1 - o0]  # [N, r, out]
+            bt = data[g.rows[:, r0:r1], g.in_features:g.in_features + o1 - o0]  # [N, r, out]
             delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
         return y.index_put_((self.tokens,), delta, accumulate=True)

@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: locally made models (no hub), timing helpers, JSON reports."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# The 12-layer, hidden-768 Llama-shaped model (about 125M parameters) the issues measure on.
+SHAPES = {
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=512),
+}
+
+
+def bench_home() -> str:
+    from aspen.demo import default_home
+
+    return os.path.join(default_home(), "bench")
+
+
+def bench_model(shape: str = "125m") -> str:
+    """A random Llama-shaped checkpoint (saved once, then reused) with a small local tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_models import make_tokenizer
+
+    path = os.path.join(bench_home(), f"llama-{shape}")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, **SHAPES[shape])
+    model = LlamaForCausalLM(config)
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    make_tokenizer(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int, warmup: int = 1
+                ) -> tuple[list[float], list[float]]:
+    """Time a and b alternately (a, b, a, b, ...) so machine noise hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta += timed(a, 1)
+        tb += timed(b, 1)
+    return ta, tb
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def write_report(path: str | None, report: dict) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
