@@ -67,8 +67,17 @@ def test_registered_adapter_id(bases, tmp_path):
         model.score(ids, adapter="nope")
 
 
-def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path):
-    """Prefill (segment path) and decode (batched gather path) steps mixing 8 adapters and base-only rows."""
+@pytest.mark.parametrize("decode_path", ["kernel", "torch"])
+def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path, monkeypatch, decode_path):
+    """Prefill (segment path) and decode (batched path: C++ kernel or torch gather) steps mixing 8 adapters and
+    base-only rows."""
+    import aspen.lora_op
+    from aspen.lora_kernel import kernel
+
+    if decode_path == "torch":
+        monkeypatch.setattr(aspen.lora_op, "bgmv_add", lambda *a: False)
+    else:
+        assert kernel() is not None, "the CPU LoRA kernel failed to build"
     path = bases["llama"]
     model = aspen.load_model(path, progress=False)
     specs = [dict(r=r, lora_alpha=2 * r, target_modules=t) for r, t in
