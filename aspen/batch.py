@@ -83,6 +83,8 @@ class FlatBatch:
     decode_token_index: torch.Tensor  # [D] long: flat index of each decode row's token
     decode_kv_slots: torch.Tensor  # [D, Lmax] long
     decode_mask: torch.Tensor  # [D, Lmax] bool
+    decode_starts: torch.Tensor  # [D] long: first visible key (> 0 only under a sliding window)
+    decode_lens: torch.Tensor  # [D] long: keys of each decode row (its context length)
     adapter_slots: tuple[int, ...] = field(default=())  # per sequence, for the LoRA op's grouping
 
     @property
@@ -142,8 +144,10 @@ class FlatBatch:
         padded = [s + [0] * (lmax - len(s)) for s in dec_slots]
         dec_positions = [len(s) - 1 for s in dec_slots]
         mask = torch.zeros((len(dec_slots), lmax), dtype=torch.bool)
+        starts = []
         for i, s in enumerate(dec_slots):
             lo = 0 if sliding_window is None else max(0, dec_positions[i] - sliding_window + 1)
+            starts.append(lo)
             mask[i, lo:len(s)] = True
         return cls(
             input_ids=tensor(ids), positions=tensor(pos), slot_mapping=tensor(slots),
@@ -152,6 +156,7 @@ class FlatBatch:
             decode_token_index=tensor(dec_tok),
             decode_kv_slots=torch.tensor(padded, dtype=torch.long, device=device).reshape(len(dec_slots), lmax),
             decode_mask=mask.to(device),
+            decode_starts=tensor(starts), decode_lens=tensor([len(s) for s in dec_slots]),
             adapter_slots=tuple(c.adapter_slot for c in chunks),
         )
 

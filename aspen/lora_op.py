@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from aspen.batch import FlatBatch
-from aspen.lora_kernel import bgmv_add
+from aspen.cpu_kernels import bgmv_add
 from aspen.lora_pool import LoraPool, PooledAdapter
 
 # a step whose segments are mostly single tokens takes the batched path once there are this many of them

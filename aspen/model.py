@@ -74,7 +74,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         kv.write(self.layer, batch.slot_mapping, k, v)
-        o = paged_attention(q, kv.k[self.layer], kv.v[self.layer], batch, self.scale)
+        o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], batch, self.scale)
         o = o.reshape(-1, self.q_size)
         y = self.o_proj(o)
         if lora is not None:

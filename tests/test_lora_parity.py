@@ -72,7 +72,7 @@ def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path, monke
     """Prefill (segment path) and decode (batched path: C++ kernel or torch gather) steps mixing 8 adapters and
     base-only rows."""
     import aspen.lora_op
-    from aspen.lora_kernel import kernel
+    from aspen.cpu_kernels import kernel
 
     if decode_path == "torch":
         monkeypatch.setattr(aspen.lora_op, "bgmv_add", lambda *a: False)

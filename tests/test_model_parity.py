@@ -99,3 +99,19 @@ def test_quantized_matches_transformers_bitsandbytes(checkpoints, mode):
     assert (ours - ref).abs().max().item() < tol
     assert quant_effect > 10 * tol
     assert quant_effect > 1e-2  # the comparison is meaningful: quantization really changed the logits
+
+
+def test_decode_kernel_and_torch_fallback_agree(checkpoints, monkeypatch):
+    """The compiled paged-decode kernel and the pure-torch SDPA path give the same logits (GQA + window)."""
+    import aspen.attention
+    from aspen.cpu_kernels import kernel
+
+    assert kernel() is not None, "the CPU kernels failed to build"
+    ids = _ids(45)
+    for case in ("mistral-sliding-window", "qwen3-qk-norm"):
+        model = aspen.load_model(checkpoints[case], progress=False)
+        fast = model.score(ids, block_size=8)
+        monkeypatch.setattr(aspen.attention, "paged_decode_attention", lambda *a: None)
+        slow = model.score(ids, block_size=8)
+        monkeypatch.undo()
+        assert (fast - slow).abs().max().item() < 1e-5
