@@ -70,6 +70,12 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def best(xs: list[float]) -> float:
+    """The fastest run: background load on a shared machine only ever adds time, so ratios of best runs are the
+    steadiest comparison; reports give medians too."""
+    return min(xs)
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
