@@ -47,6 +47,7 @@ def test_cuda_adapter_matches_peft_and_engine_runs(tmp_path):
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_cuda_quantized_runs(tmp_path, mode):
+    pytest.importorskip("bitsandbytes")
     path = make_checkpoint(str(tmp_path / "q"), "qwen2")
     logits = aspen.load_model(path, quantize=mode, device="cuda", progress=False).score(_ids(20))
     assert torch.isfinite(logits).all()
