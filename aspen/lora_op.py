@@ -32,7 +32,7 @@ from aspen.batch import FlatBatch
 from aspen.cpu_kernels import bgmv_add
 from aspen.lora_pool import LoraPool, PooledAdapter
 
-# a step whose segments are mostly single tokens takes the batched path once there are this many of them
+# decode rows (single tokens) with adapters take the batched path once a step has this many of them
 GATHER_MIN_SEGMENTS = 8
 
 
@@ -76,16 +76,26 @@ class LoraBatch:
 
     @classmethod
     def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool) -> "LoraBatch":
-        """Segments of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``."""
+        """Segments of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``.
+
+        Decode rows (one token) take the batched path once there are GATHER_MIN_SEGMENTS of them, whatever
+        their adapters; every other token is grouped into one segment per adapter."""
+        decode: list[tuple[int, PooledAdapter]] = []
         by_slot: dict[int, list[tuple[int, int]]] = {}
         for s, slot in enumerate(batch.adapter_slots):
-            if slot >= 0 and adapters[slot] is not None:
-                by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
-        singles = [slot for slot, spans in by_slot.items() if len(spans) == 1 and spans[0][1] - spans[0][0] == 1]
+            if slot < 0 or adapters[slot] is None:
+                continue
+            a, b = batch.query_start[s], batch.query_start[s + 1]
+            if b - a == 1:
+                decode.append((a, adapters[slot]))
+            by_slot.setdefault(slot, []).append((a, b))
         gathered = None
-        if len(singles) >= GATHER_MIN_SEGMENTS:
-            gathered = _GatherPlan.build([(by_slot.pop(slot)[0][0], adapters[slot]) for slot in singles],
-                                         batch.input_ids.device)
+        if len(decode) >= GATHER_MIN_SEGMENTS:
+            gathered = _GatherPlan.build(decode, batch.input_ids.device)
+            for slot in list(by_slot):
+                by_slot[slot] = [(a, b) for a, b in by_slot[slot] if b - a > 1]
+                if not by_slot[slot]:
+                    del by_slot[slot]
         segments = [Segment(_token_index(spans, batch.input_ids.device), PoolWeights(pool, adapters[slot]))
                     for slot, spans in by_slot.items()]
         return cls(segments, pool, gathered)

@@ -27,6 +27,7 @@ def engine(setup, **kw) -> LLMEngine:
     base, root = setup
     kw.setdefault("num_kv_blocks", 256)
     kw.setdefault("block_size", 4)
+    kw.setdefault("lora_pool_pages", 2048)  # small pool: invariant checks walk every page
     return LLMEngine(model=base, adapter_dir=root, progress=False, **kw)
 
 

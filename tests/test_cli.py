@@ -1,0 +1,33 @@
+"""The `aspen` console script: help, the demo command end to end, and one-line errors."""
+from __future__ import annotations
+
+import pytest
+
+from aspen.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out
+
+
+def test_demo_prints_generations(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ASPEN_HOME", str(tmp_path))
+    assert main(["demo", "--no-adapters", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "demo" / "base") in out
+    assert "Once upon a time" in out
+    generated = out.split(">>> Once upon a time", 1)[1].split(">>>", 1)[0]
+    assert len(generated.split()) >= 3  # words, not an empty completion
+
+
+def test_bad_model_path_is_one_line_error(tmp_path, capsys):
+    from aspen.errors import CheckpointError
+
+    import aspen
+
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        aspen.load_model(str(tmp_path / "missing"))
