@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install serve demo test test-slow soak bench lint clean
+.PHONY: install serve demo test test-slow soak bench lint clean proto
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 
 ## Main job: the demo model (built on first use) served by ASPEN.
 serve: install
-	$(BIN)/aspen demo
+	$(BIN)/aspen serve --model demo
 
 demo: install
 	$(BIN)/aspen demo
@@ -34,6 +34,11 @@ test-slow soak: install
 
 lint: install
 	$(BIN)/ruff check aspen engine clients tests benchmarks
+
+## Regenerate the gRPC stubs (clients/aspen/v1) from proto/aspen/v1/aspen.proto.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iclients=proto --python_out=. --grpc_python_out=. --pyi_out=. \
+		proto/aspen/v1/aspen.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

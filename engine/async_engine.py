@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 from typing import AsyncIterator, Sequence
 
 from engine.llm_engine import LLMEngine
@@ -98,9 +99,16 @@ class AsyncLLMEngine:
             raise EngineDeadError("the engine is not running")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        rid = await loop.run_in_executor(None, self._add, prompt, params, adapter_id, request_id, loop, queue)
+        rid = request_id or uuid.uuid4().hex
+        with self._lock:
+            if rid in self._queues:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            self._queues[rid] = (loop, queue)
         finished = False
+        # validation and adapter reads run off the loop
+        add = loop.run_in_executor(None, self._add, prompt, params, adapter_id, rid)
         try:
+            await add
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -113,25 +121,15 @@ class AsyncLLMEngine:
             with self._lock:
                 self._queues.pop(rid, None)
             if not finished:
-                self.engine.abort(rid)
+                if add.done():
+                    self.engine.abort(rid)
+                else:  # cancelled while the add still runs: abort once it has queued the request
+                    add.add_done_callback(lambda f: f.cancelled() or f.exception() or self.engine.abort(rid))
                 self._wake.set()
 
-    def _add(self, prompt, params, adapter_id, request_id, loop, queue) -> str:
-        import uuid
-
-        rid = request_id or uuid.uuid4().hex
-        with self._lock:
-            if rid in self._queues:
-                raise ValueError(f"request_id {rid!r} is already in use")
-            self._queues[rid] = (loop, queue)
-        try:
-            self.engine.add_request(prompt, params, adapter_id, rid)
-        except BaseException:
-            with self._lock:
-                self._queues.pop(rid, None)
-            raise
+    def _add(self, prompt, params, adapter_id, rid: str) -> None:
+        self.engine.add_request(prompt, params, adapter_id, rid)
         self._wake.set()
-        return rid
 
     async def run_blocking(self, fn, *args):
         """Run a blocking engine call (adapter load/unload, tokenize) off the event loop."""

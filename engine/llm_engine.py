@@ -95,7 +95,9 @@ class LLMEngine:
         if adapter_id is not None:
             self._require_adapter(adapter_id)
         rid = request_id if request_id is not None else uuid.uuid4().hex
-        state = RequestState(Request(rid, ids, params, adapter_id), self.tokenizer, self.model.device)
+        request = Request(rid, ids, params, adapter_id)
+        self.scheduler.check(request)  # KV pool and batch limits: fail here, never inside a step
+        state = RequestState(request, self.tokenizer, self.model.device)
         with self._lock:
             if rid in self._states:
                 raise ValueError(f"request_id {rid!r} is already in use")
@@ -172,7 +174,11 @@ class LLMEngine:
             self._commands.clear()
         for kind, arg in commands:
             if kind == "add":
-                self.scheduler.add(arg)
+                try:
+                    self.scheduler.add(arg)
+                except Exception as e:  # validated in add_request; a late refusal fails only this request
+                    arg.finish_reason = FinishReason.ERROR
+                    outputs.append(self._pop(arg.request_id).output(error=e))
             elif kind == "abort":
                 req = self.scheduler.abort(arg)
                 if req is not None and arg in self._states:

@@ -191,6 +191,16 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a new request. ValueError if it could never run or its id is live;
         QueueFullError when ``max_waiting`` requests already wait."""
+        self.check(request)
+        if self.config.max_waiting and len(self._waiting) >= self.config.max_waiting:
+            raise QueueFullError(self.config.max_waiting)
+        if request.arrival_time is None:
+            request.arrival_time = self.clock()
+        self._live[request.request_id] = request
+        self._waiting.append(request)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if ``request`` could never run here (or its id is live); changes nothing."""
         cfg, rid = self.config, request.request_id
         if request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.output_token_ids:
             raise ValueError(f"request {rid!r} is not a fresh request ({request!r})")
@@ -210,12 +220,6 @@ class Scheduler:
                              f"{self.block_manager.num_blocks}")
         if request.adapter_id is not None and self.adapters is None:
             raise ValueError(f"request {rid!r} names adapter {request.adapter_id!r} but no adapter cache is set")
-        if cfg.max_waiting and len(self._waiting) >= cfg.max_waiting:
-            raise QueueFullError(cfg.max_waiting)
-        if request.arrival_time is None:
-            request.arrival_time = self.clock()
-        self._live[rid] = request
-        self._waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a live request as ABORTED, freeing its blocks and pin now; None if not live."""

@@ -25,17 +25,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from aspen.cli import main as cli_main
 from clients.aspen.v1 import aspen_pb2 as pb
-from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
-from clients.client import AspenClient, build_request
+from clients.client import AspenClient, AsyncAspenClient, build_request
 from engine import LLMEngine
+from engine import grpc_errors as errs
 from engine.server import AspenServer, ServerOptions
 from tests.test_lora_parity import make_peft_adapter
 from tests.tiny_models import make_checkpoint
 
-ENGINE = dict(num_kv_blocks=96, block_size=16, max_num_seqs=8)
-GREEDY = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-LONG = dict(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+ENGINE = {"num_kv_blocks": 96, "block_size": 16, "max_num_seqs": 8}
+GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+LONG = {"max_new_tokens": 490, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,8 @@ class ServerThread:
         self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
     def wait_idle(self, timeout=5.0) -> dict:
         """Poll the engine until no request holds KV blocks or adapter pins."""
@@ -197,7 +200,7 @@ def test_adapter_errors_map_to_codes(served, assets, client):
     d = expect_error(lambda: client.generate("hi", "bad"), grpc.StatusCode.FAILED_PRECONDITION)
     assert d["PreconditionFailure"].violations[0].type == "ADAPTER_INCOMPATIBLE"
     for path in ("../base", assets["base"], "a1/../../base"):
-        assert bad_field(lambda: client.load_adapter("x", path)) == "path"
+        assert bad_field(lambda p=path: client.load_adapter("x", p)) == "path"
     assert bad_field(lambda: client.load_adapter("bad id!")) == "adapter_id"
     d = expect_error(lambda: client.load_adapter("x", "no/such/dir"), grpc.StatusCode.NOT_FOUND)
     assert d["ResourceInfo"].resource_name == "x"
@@ -221,18 +224,26 @@ def test_busy_adapter_and_duplicate_request_id(served, client):
     assert client.generate("hi", request_id="dup-1", max_new_tokens=2).request_id == "dup-1"
 
 
-def test_cancel_and_deadline_free_kv_blocks_and_pins(served, client):
-    stream = client.generation.GenerateStream(build_request("Tom took the red ball", "a1", **LONG), timeout=30)
+def test_cancel_and_deadline_abort_in_engine(served, client, monkeypatch):
+    llm, aborted = served.server.llm, []
+    real_abort = llm.abort
+    monkeypatch.setattr(llm, "abort", lambda rid: (aborted.append(rid), real_abort(rid))[1])
+    stream = client.generation.GenerateStream(build_request("Tom took the red ball", "a1", "cancel-me", **LONG),
+                                              timeout=30)
     assert next(stream).token_ids and next(stream).token_ids
     stream.cancel()
-    late = client.generation.GenerateStream(build_request("A small cat", "team/a2", **LONG), timeout=0.5)
+    late = client.generation.GenerateStream(build_request("A small cat", "team/a2", "deadline-me", **LONG),
+                                            timeout=0.5)
+    assert next(late).token_ids  # running when the deadline expires
     with pytest.raises(grpc.RpcError) as info:
         for _ in late:
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    expect_error(lambda: client.generate("A small cat", "a1", timeout=0.3, **LONG), grpc.StatusCode.DEADLINE_EXCEEDED)
+    expect_error(lambda: client.generate("A small cat", "a1", request_id="deadline-unary", timeout=0.5, **LONG),
+                 grpc.StatusCode.DEADLINE_EXCEEDED)
     state = served.wait_idle()
     assert (state["kv_blocks_used"], state["adapter_pins"], state["running"], state["waiting"]) == (0, 0, 0, 0)
+    assert {"cancel-me", "deadline-me", "deadline-unary"} <= set(aborted)  # aborted, not run to completion
     assert served.server.engine.num_in_flight == 0 and not served.server._active_ids
 
 
@@ -254,6 +265,39 @@ def test_jit_load_list_and_unload(served, client):
     assert info.adapters_enabled and info.quantization == pb.QUANTIZATION_NONE and info.dtype == "float32"
 
 
+def test_unexpected_errors_are_internal_and_generic(served, client, monkeypatch):
+    def broken(text):
+        raise RuntimeError("secret /etc/aspen/key.pem")
+
+    monkeypatch.setattr(served.server.llm, "tokenize", broken)
+    with pytest.raises(grpc.RpcError) as info:
+        client.tokenize("hi")
+    assert info.value.code() == grpc.StatusCode.INTERNAL and "secret" not in info.value.details()
+    status, text = errs.engine_error("RuntimeError: CUDA exploded at /srv/x", "r1", "")
+    assert status.code == grpc.StatusCode.INTERNAL and "/srv/x" not in text
+    assert errs.engine_error("AdapterNotFoundError: gone", "r1", "a")[0].code == grpc.StatusCode.NOT_FOUND
+
+
+def test_async_client_and_cli(served, capsys):
+    async def main():
+        async with AsyncAspenClient(served.address, timeout=10) as c:
+            unary = await c.generate("The quick", "a1", **GREEDY)
+            deltas = [m async for m in c.stream("The quick", "a1", **GREEDY)]
+            return unary, deltas
+
+    unary, deltas = asyncio.run(main())
+    assert unary.text == "".join(m.text for m in deltas) and deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    argv = ["generate", "--server", served.address, "--adapter", "a1", "--max-new-tokens", "12", "--temperature",
+            "0", "--ignore-eos", "The quick"]
+    assert cli_main(argv) == 0 and capsys.readouterr().out == unary.text + "\n"
+    assert cli_main(["adapters", "list", "--server", served.address]) == 0
+    assert re.search(r"^a1 +device +4 +q_proj,v_proj", capsys.readouterr().out, re.MULTILINE)
+    assert cli_main(["adapters", "load", "cli/a3", "--path", "a3", "--server", served.address]) == 0
+    assert cli_main(["adapters", "unload", "cli/a3", "--server", served.address]) == 0
+    assert cli_main(["adapters", "unload", "cli/a3", "--server", served.address]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
@@ -265,7 +309,7 @@ VLLM_NAMES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_pe
 
 
 def gauge(text: str, name: str) -> float:
-    return float(re.search(rf"^aspen:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^aspen:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE).group(1))
 
 
 def test_metrics_endpoint(served, client):
@@ -274,7 +318,7 @@ def test_metrics_endpoint(served, client):
     for name in VLLM_NAMES + ("kv_blocks_used", "adapter_pins_in_use", "adapter_cache_hits_total",
                               "adapter_cache_loads_total", "adapter_cache_evictions_total",
                               "adapter_load_seconds_total"):
-        assert re.search(rf"^aspen:{name}[{{_ ]", text, re.M), name
+        assert re.search(rf"^aspen:{name}[{{_ ]", text, re.MULTILINE), name
     assert 'running_lora_adapters=""' in text and 'max_lora="8"' in text
     assert gauge(text, "generation_tokens_total") >= 3
     served.wait_idle()
@@ -316,8 +360,10 @@ def test_queue_full_and_unavailable_while_starting_or_draining(assets):
             d = expect_error(lambda: c.generate("four"), grpc.StatusCode.UNAVAILABLE)
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
                 health_pb2.HealthCheckResponse.NOT_SERVING
-            first.cancel()  # the drain ends when the last in-flight call is gone
-            assert stopping.result(10) is True
+            s.loop.call_soon_threadsafe(s.server.force)  # as a second SIGTERM: cancel what still runs
+            assert stopping.result(10) is False
+            with pytest.raises(grpc.RpcError):
+                list(first)
     finally:
         gate.set()
         s.stop()
@@ -404,18 +450,19 @@ def test_serve_subprocess_drains_on_sigterm(assets, tmp_path):
         address, metrics_port = f"{match.group(1)}:{match.group(2)}", int(match.group(3))
         with AspenClient(address, timeout=60) as c:
             text = scrape(metrics_port)
-            assert all(re.search(rf"^aspen:{n}", text, re.M) for n in VLLM_NAMES[:3] + ("kv_blocks_used",))
-            streams = [c.generation.GenerateStream(build_request(f"stream {i}", a, max_new_tokens=40, temperature=0.0,
-                                                                 ignore_eos=True), timeout=60)
+            assert all(re.search(rf"^aspen:{n}", text, re.MULTILINE) for n in VLLM_NAMES[:3] + ("kv_blocks_used",))
+            params = {"max_new_tokens": 450, "temperature": 0.0, "ignore_eos": True}
+            streams = [c.generation.GenerateStream(build_request(f"stream {i}", a, **params), timeout=60)
                        for i, a in enumerate([None, "a1", "team/a2"])]
             firsts = [next(s) for s in streams]
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            assert gauge(scrape(metrics_port), "num_requests_running") >= 1  # still running while draining
+            time.sleep(0.2)
             expect_error(lambda: c.generate("late", max_new_tokens=2), grpc.StatusCode.UNAVAILABLE)
             for first, s in zip(firsts, streams):
                 msgs = [first] + list(s)
                 assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
-                assert sum(len(m.token_ids) for m in msgs) == 40
+                assert sum(len(m.token_ids) for m in msgs) == 450 == msgs[-1].usage.completion_tokens
         assert proc.wait(30) == 0, log_path.read_text()
         assert "server stopped (drained)" in log_path.read_text()
     finally:

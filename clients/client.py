@@ -1,0 +1,163 @@
+"""A small typed client for ASPEN serve (sync :class:`AspenClient` and asyncio :class:`AsyncAspenClient`).
+
+    with AspenClient("127.0.0.1:50051") as c:
+        print(c.generate("Once upon a time", adapter="math", max_new_tokens=32, temperature=0).text)
+        for msg in c.stream("Hello", max_new_tokens=16):
+            print(msg.text, end="", flush=True)
+
+Sampling parameters are the fields of ``aspen.v1.SamplingParams`` as keyword arguments (``stop`` may be one
+string). Errors surface as ``grpc.RpcError``; ``grpc_status.rpc_status.from_call(err)`` decodes the details.
+``token`` is sent as ``authorization: Bearer <token>``; ``tls_ca`` (a PEM path or bytes) switches to TLS.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from clients.aspen.v1 import aspen_pb2 as pb
+from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
+
+PARAM_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def build_request(prompt: str | Sequence[int], adapter: str | None = None, request_id: str = "",
+                  **params: Any) -> pb.GenerateRequest:
+    """A GenerateRequest; ``prompt`` is text or a list of token ids. TypeError for an unknown parameter."""
+    unknown = sorted(set(params) - PARAM_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(PARAM_FIELDS)}")
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    sp = pb.SamplingParams(**{k: v for k, v in params.items() if v is not None})
+    req = pb.GenerateRequest(request_id=request_id, adapter_id=adapter or "", params=sp)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+def _read(value: str | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def _make_channel(address: str, tls_ca, tls_cert, tls_key, server_name, options, aio: bool):
+    opts = list(options or [])
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    mod = grpc.aio if aio else grpc
+    if tls_ca is None and tls_cert is None:
+        return mod.insecure_channel(address, options=opts)
+    creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca), private_key=_read(tls_key),
+                                         certificate_chain=_read(tls_cert))
+    return mod.secure_channel(address, creds, options=opts)
+
+
+class _Base:
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | bytes | None = None,
+                 timeout: float | None = None, *, tls_cert: str | bytes | None = None,
+                 tls_key: str | bytes | None = None, server_name: str | None = None, options=None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.channel = _make_channel(address, tls_ca, tls_cert, tls_key, server_name, options,
+                                     aio=isinstance(self, AsyncAspenClient))
+        self.generation = pb_grpc.GenerationServiceStub(self.channel)
+        self.adapters = pb_grpc.AdapterServiceStub(self.channel)
+
+    def _kw(self, timeout: float | None) -> dict:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._metadata}
+
+
+class AspenClient(_Base):
+    """Blocking client. ``timeout`` is the default deadline of every call in seconds (None: no deadline)."""
+
+    def generate(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+                 timeout: float | None = None, **params: Any) -> pb.GenerateResponse:
+        return self.generation.Generate(build_request(prompt, adapter, request_id, **params), **self._kw(timeout))
+
+    def stream(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+               timeout: float | None = None, **params: Any) -> Iterator[pb.GenerateStreamResponse]:
+        """Stream deltas; leaving the loop early cancels the call (and the request on the server)."""
+        call = self.generation.GenerateStream(build_request(prompt, adapter, request_id, **params),
+                                              **self._kw(timeout))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
+        return list(self.generation.Tokenize(pb.TokenizeRequest(text=text), **self._kw(timeout)).token_ids)
+
+    def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
+        return self.generation.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
+
+    def load_adapter(self, adapter_id: str, path: str | None = None, timeout: float | None = None) -> pb.AdapterInfo:
+        req = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path or "")
+        return self.adapters.LoadAdapter(req, **self._kw(timeout)).adapter
+
+    def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
+        self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw(timeout))
+
+    def list_adapters(self, timeout: float | None = None) -> list[pb.AdapterInfo]:
+        return list(self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout)).adapters)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> AspenClient:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncAspenClient(_Base):
+    """The same calls for asyncio code (``grpc.aio`` channel)."""
+
+    async def generate(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+                       timeout: float | None = None, **params: Any) -> pb.GenerateResponse:
+        return await self.generation.Generate(build_request(prompt, adapter, request_id, **params),
+                                              **self._kw(timeout))
+
+    async def stream(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+                     timeout: float | None = None, **params: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+        call = self.generation.GenerateStream(build_request(prompt, adapter, request_id, **params),
+                                              **self._kw(timeout))
+        try:
+            async for msg in call:
+                yield msg
+        finally:
+            call.cancel()
+
+    async def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
+        resp = await self.generation.Tokenize(pb.TokenizeRequest(text=text), **self._kw(timeout))
+        return list(resp.token_ids)
+
+    async def model_info(self, timeout: float | None = None) -> pb.GetModelInfoResponse:
+        return await self.generation.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout))
+
+    async def load_adapter(self, adapter_id: str, path: str | None = None,
+                           timeout: float | None = None) -> pb.AdapterInfo:
+        req = pb.LoadAdapterRequest(adapter_id=adapter_id, path=path or "")
+        return (await self.adapters.LoadAdapter(req, **self._kw(timeout))).adapter
+
+    async def unload_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
+        await self.adapters.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), **self._kw(timeout))
+
+    async def list_adapters(self, timeout: float | None = None) -> list[pb.AdapterInfo]:
+        return list((await self.adapters.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout))).adapters)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncAspenClient:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
