@@ -16,22 +16,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("clients.generate_command", "generate text from a running server (streams to the terminal)"),
     "adapters": ("clients.adapters_command", "list, load or unload adapters on a running server"),
     "loadtest": ("clients.loadtest_command", "drive a running server with a synthetic multi-adapter workload"),
+    "bench": ("benchmarks.bench_command", "run a benchmark (see BENCHMARKS.md)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="aspen", description="ASPEN serve: one base model, many LoRA adapters.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if command is None or name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), "")  # import just the subcommand that runs
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -31,3 +31,17 @@ def test_bad_model_path_is_one_line_error(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="is not a directory"):
         aspen.load_model(str(tmp_path / "missing"))
+
+
+def test_every_subcommand_builds_its_parser():
+    from aspen.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        build_parser(name).parse_args([name] + _required(name))
+
+
+def _required(name: str) -> list[str]:
+    """Minimal arguments that satisfy each subcommand's required options (parsing only, nothing runs)."""
+    return {"generate": ["--server", "127.0.0.1:1", "hi"], "adapters": ["list", "--server", "127.0.0.1:1"],
+            "train": ["--config", "x.yaml"], "loadtest": ["run", "--server", "127.0.0.1:1"],
+            "bench": ["lora_overhead"]}.get(name, [])
