@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 LOGITS_LAST = "last"
@@ -98,6 +99,8 @@ class FlatBatch:
     @classmethod
     def build(cls, chunks: Sequence[SeqChunk], block_size: int, device: torch.device | str = "cpu",
               sliding_window: int | None = None) -> "FlatBatch":
+        """Cost in Python is O(new tokens + blocks): context slots are expanded from block tables by tensor ops,
+        so long contexts do not make the per-step setup slower."""
         if not chunks:
             raise ValueError("a step needs at least one sequence chunk")
         ids: list[int] = []
@@ -107,20 +110,21 @@ class FlatBatch:
         logits_idx: list[int] = []
         qstart = [0]
         ctx: list[int] = []
-        prefill_specs: list[tuple[int, int, list[int], int]] = []
+        prefill_specs: list[tuple[int, int, Sequence[int], int]] = []
         dec_tok: list[int] = []
-        dec_slots: list[list[int]] = []
+        dec_tables: list[Sequence[int]] = []
+        dec_lens: list[int] = []
         for c in chunks:
             end = c.end_pos
-            if len(c.block_table) * block_size < end:
+            table = c.block_table
+            if len(table) * block_size < end:
                 raise ValueError(
-                    f"block table of {len(c.block_table)} blocks holds {len(c.block_table) * block_size} "
+                    f"block table of {len(table)} blocks holds {len(table) * block_size} "
                     f"tokens, the chunk needs {end}")
-            seq_slots = _slots(c.block_table, block_size, end)
             t0 = len(ids)
             ids.extend(c.token_ids)
             pos.extend(range(c.start_pos, end))
-            slots.extend(seq_slots[c.start_pos:end])
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c.start_pos, end))
             adapters.extend([c.adapter_slot] * len(c.token_ids))
             if c.logits == LOGITS_LAST:
                 logits_idx.append(len(ids) - 1)
@@ -130,45 +134,48 @@ class FlatBatch:
             ctx.append(end)
             if len(c.token_ids) == 1:
                 dec_tok.append(t0)
-                dec_slots.append(seq_slots)
+                dec_tables.append(table)
+                dec_lens.append(end)
             else:
-                prefill_specs.append((t0, len(ids), seq_slots, c.start_pos))
+                prefill_specs.append((t0, len(ids), table, c.start_pos))
 
         def tensor(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
 
         prefills = tuple(
-            PrefillSeq(t0, t1, tensor(s), _prefill_mask(start, t1 - t0, sliding_window, device))
-            for t0, t1, s, start in prefill_specs)
-        lmax = max((len(s) for s in dec_slots), default=0)
-        padded = [s + [0] * (lmax - len(s)) for s in dec_slots]
-        dec_positions = [len(s) - 1 for s in dec_slots]
-        mask = torch.zeros((len(dec_slots), lmax), dtype=torch.bool)
-        starts = []
-        for i, s in enumerate(dec_slots):
-            lo = 0 if sliding_window is None else max(0, dec_positions[i] - sliding_window + 1)
-            starts.append(lo)
-            mask[i, lo:len(s)] = True
+            PrefillSeq(t0, t1, _context_slots([table], block_size, t1 - t0 + start, device)[0],
+                       _prefill_mask(start, t1 - t0, sliding_window, device))
+            for t0, t1, table, start in prefill_specs)
+        lmax = max(dec_lens, default=0)
+        lens_np = np.asarray(dec_lens, dtype=np.int64)
+        starts_np = np.zeros_like(lens_np) if sliding_window is None else np.maximum(lens_np - sliding_window, 0)
+        keys = np.arange(lmax, dtype=np.int64)
+        mask_np = (keys[None, :] >= starts_np[:, None]) & (keys[None, :] < lens_np[:, None])
+        dec_slots = _context_slots(dec_tables, block_size, lmax, "cpu")
+        dec_slots = torch.from_numpy(dec_slots.numpy() * mask_np).to(device)  # padding reads slot 0, masked
+        mask, lens, starts = (torch.from_numpy(a).to(device) for a in (mask_np, lens_np, starts_np))
         return cls(
             input_ids=tensor(ids), positions=tensor(pos), slot_mapping=tensor(slots),
             adapter_index=tensor(adapters), logits_indices=tensor(logits_idx),
             query_start=tuple(qstart), context_lens=tuple(ctx), prefills=prefills,
-            decode_token_index=tensor(dec_tok),
-            decode_kv_slots=torch.tensor(padded, dtype=torch.long, device=device).reshape(len(dec_slots), lmax),
-            decode_mask=mask.to(device),
-            decode_starts=tensor(starts), decode_lens=tensor([len(s) for s in dec_slots]),
+            decode_token_index=tensor(dec_tok), decode_kv_slots=dec_slots, decode_mask=mask,
+            decode_starts=starts, decode_lens=lens,
             adapter_slots=tuple(c.adapter_slot for c in chunks),
         )
 
 
-def _slots(block_table: Sequence[int], block_size: int, length: int) -> list[int]:
-    out: list[int] = []
-    for b in block_table:
-        base = b * block_size
-        out.extend(range(base, base + block_size))
-        if len(out) >= length:
-            break
-    return out[:length]
+def _context_slots(tables: Sequence[Sequence[int]], block_size: int, length: int,
+                   device: torch.device | str) -> torch.Tensor:
+    """[len(tables), length] KV slots of positions 0..length-1 of each table (past a table's end: garbage).
+
+    numpy, not torch: these small index computations must not fork the intra-op thread pool every step."""
+    nblocks = -(-length // block_size) if length else 0
+    bt = np.zeros((len(tables), nblocks), dtype=np.int64)
+    for i, t in enumerate(tables):
+        row = t[:nblocks]
+        bt[i, :len(row)] = row
+    full = (bt[:, :, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(len(tables), -1)
+    return torch.from_numpy(np.ascontiguousarray(full[:, :length])).to(device)
 
 
 def _prefill_mask(start: int, n: int, window: int | None, device: torch.device | str) -> torch.Tensor | None:
