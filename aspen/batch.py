@@ -174,7 +174,8 @@ def _context_slots(tables: Sequence[Sequence[int]], block_size: int, length: int
     for i, t in enumerate(tables):
         row = t[:nblocks]
         bt[i, :len(row)] = row
-    full = (bt[:, :, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(len(tables), -1)
+    full = (bt[:, :, None] * block_size + np.arange(block_size, dtype=np.int64)).reshape(
+        len(tables), nblocks * block_size)
     return torch.from_numpy(np.ascontiguousarray(full[:, :length])).to(device)
 
 
