@@ -164,8 +164,10 @@ def kernel():
 def bgmv_add(y: torch.Tensor, x: torch.Tensor, pool_layer: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor,
              parts: torch.Tensor, in_features: int) -> bool:
     """y[tok] += LoRA delta, in place. Returns False (nothing done) when the kernel cannot take these tensors."""
+    if y.device.type != "cpu" or torch.is_grad_enabled():
+        return False
     mod = kernel()
-    if mod is None or y.device.type != "cpu" or torch.is_grad_enabled():
+    if mod is None:
         return False
     if not (y.dtype == x.dtype == pool_layer.dtype == torch.float32) or not y.is_contiguous():
         return False
@@ -176,8 +178,10 @@ def bgmv_add(y: torch.Tensor, x: torch.Tensor, pool_layer: torch.Tensor, tok: to
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                            starts: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Attention of one query per row over its paged keys; None when the kernel cannot take these tensors."""
+    if q.device.type != "cpu" or torch.is_grad_enabled():
+        return None
     mod = kernel()
-    if mod is None or q.device.type != "cpu" or torch.is_grad_enabled():
+    if mod is None:
         return None
     if not (q.dtype == k_pool.dtype == v_pool.dtype == torch.float32):
         return None
