@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -174,14 +175,15 @@ class _GatherPlan:
             for (o0, o1), width in sorted(spans.items()):
                 layout.append((r0, r0 + width, o0, o1))
                 r0 += width
-            table = torch.zeros((len(rows), r0), dtype=torch.long)
+            table = np.zeros((len(rows), r0), dtype=np.int64)  # built on the host: no device syncs
+            first_row = {lay[2]: lay[0] for lay in layout}
             for i, m in enumerate(members):
                 if m is None:
                     continue
                 for p in m.parts:
-                    dst = next(lay for lay in layout if lay[2] == p.out_start)
-                    table[i, dst[0]:dst[0] + p.row_end - p.row_start] = m.rows[p.row_start:p.row_end].cpu()
-            groups[g] = _GatherGroup(table.to(device), ref.in_features, tuple(layout),
+                    dst = first_row[p.out_start]
+                    table[i, dst:dst + p.row_end - p.row_start] = m.row_list[p.row_start:p.row_end]
+            groups[g] = _GatherGroup(torch.from_numpy(table).to(device), ref.in_features, tuple(layout),
                                      torch.tensor(layout, dtype=torch.long))
         tokens = torch.tensor([t for t, _ in rows], dtype=torch.long, device=device)
         return cls(tokens, groups)

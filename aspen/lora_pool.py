@@ -41,7 +41,8 @@ class GroupPart:
 
 @dataclass(frozen=True)
 class PooledGroup:
-    rows: torch.Tensor  # [R] long: pool pages of the group's projections, part after part
+    rows: torch.Tensor  # [R] long, on the pool's device: pool rows of the group's projections, part after part
+    row_list: tuple[int, ...]  # the same rows as Python ints, for per-step planning without device syncs
     in_features: int
     parts: tuple[GroupPart, ...]
 
@@ -120,7 +121,7 @@ class LoraPool:
                     parts.append(GroupPart(len(g_rows), len(g_rows) + len(module_rows[m]), out0, out0 + out_f))
                     g_rows.extend(module_rows[m])
                 out0 += out_f
-            groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device),
+            groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device), tuple(g_rows),
                                     self.config.module_shape(members[0])[0], tuple(parts))
         return PooledAdapter(tuple(pages), groups, max(ranks.values()))
 
