@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aspen.batch import FlatBatch
+from aspen.batch import FlatBatch, PrefillSeq
 from aspen.cpu_kernels import paged_decode_attention
 
 
@@ -19,6 +19,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
                     batch: FlatBatch, scale: float) -> torch.Tensor:
     """q: [T, H, hd] (rotated); k, v: [T, KVH, hd] this step's keys/values, already written to
     k_pool/v_pool [slots, KVH, hd]. Returns the attention output [T, H, hd]."""
+    if not batch.decode_token_index.numel() and torch.is_grad_enabled():
+        # training: only prefill chunks, in token order; concatenating keeps the backward pass from allocating a
+        # full-size gradient per sequence (as slice assignment into one output would)
+        return torch.cat([_prefill(q, k, v, k_pool, v_pool, p, scale) for p in batch.prefills], dim=0)
     out = torch.empty_like(q)
     if batch.decode_token_index.numel():
         idx = batch.decode_token_index
@@ -29,17 +33,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
         else:
             _decode_sdpa(q, k_pool, v_pool, batch, scale, out)
     for p in batch.prefills:
-        qp = q[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
-        if p.mask is None:  # the chunk starts its sequence: its own keys are all it sees
-            kp = k[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)
-            vp = v[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            kp = k_pool.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, hd]
-            vp = v_pool.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
-        out[p.token_start:p.token_end] = o.squeeze(0).transpose(0, 1)
+        out[p.token_start:p.token_end] = _prefill(q, k, v, k_pool, v_pool, p, scale)
     return out
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+             p: PrefillSeq, scale: float) -> torch.Tensor:
+    """Attention output [n, H, hd] of one prefill chunk."""
+    qp = q[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
+    if p.mask is None:  # the chunk starts its sequence: its own keys are all it sees
+        kp = k[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)
+        vp = v[p.token_start:p.token_end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        kp = k_pool.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, KVH, L, hd]
+        vp = v_pool.index_select(0, p.kv_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)
 
 
 def _decode_sdpa(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: FlatBatch, scale: float,

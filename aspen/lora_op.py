@@ -102,14 +102,45 @@ class LoraBatch:
         return cls(segments, pool, gathered)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        inplace = not torch.is_grad_enabled()
+        if torch.is_grad_enabled():
+            y = self._apply_differentiable(layer, group, x, y)
+        else:
+            for seg in self.segments:
+                w = seg.weights.group_weights(layer, group)
+                if w is not None:
+                    y = _apply_segment(x, y, seg.tokens, w, seg.dropout)
+        if self.gathered is not None:
+            y = self.gathered.apply(self.pool, layer, group, x, y)
+        return y
+
+
+    def _apply_differentiable(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training: every segment's delta is computed out of place and added to ``y`` once (no per-segment copy
+        of the group output); contiguous segments are stitched together with zero blocks for base tokens."""
+        pieces: list[tuple[int, torch.Tensor]] = []
+        scattered = []
         for seg in self.segments:
             w = seg.weights.group_weights(layer, group)
             if w is None:
                 continue
-            y = _apply_segment(x, y, seg.tokens, w, seg.dropout, inplace)
-        if self.gathered is not None:
-            y = self.gathered.apply(self.pool, layer, group, x, y)
+            delta = _segment_delta(x, seg.tokens, w, seg.dropout, y.shape[1], y.dtype)
+            if isinstance(seg.tokens, slice):
+                pieces.append((seg.tokens.start, delta))
+            else:
+                scattered.append((seg.tokens, delta))
+        if pieces:
+            pieces.sort(key=lambda p: p[0])
+            parts, at = [], 0
+            for start, delta in pieces:
+                if start > at:
+                    parts.append(y.new_zeros(start - at, y.shape[1]))
+                parts.append(delta)
+                at = start + delta.shape[0]
+            if at < y.shape[0]:
+                parts.append(y.new_zeros(y.shape[0] - at, y.shape[1]))
+            y = y + torch.cat(parts, dim=0)
+        for tokens, delta in scattered:
+            y = y.index_add(0, tokens, delta)
         return y
 
 
@@ -119,28 +150,44 @@ def _token_index(spans: list[tuple[int, int]], device: torch.device) -> slice | 
     return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
 
 
-def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float,
-                   inplace: bool) -> torch.Tensor:
+def _shrink(x: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float) -> torch.Tensor:
+    """xa [n, R] = (dropout of) the segment's input times the stacked A rows of every packed projection."""
     a, parts = weights
     xs = x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
     if dropout > 0:
         # like PEFT, every projection draws its own dropout mask on its input; autograd keeps each mask for
         # the backward pass, so forward and backward see the same dropped units
-        xa = torch.cat([F.dropout(xs, p=dropout, training=True) @ a[r0:r1].t().to(xs.dtype)
-                        for r0, r1, *_ in parts], dim=1)
-    else:
-        xa = xs @ a.t().to(xs.dtype)  # [n, R]: one shrink for every packed projection
-    if inplace and isinstance(tokens, slice):
-        for r0, r1, o0, o1, bt in parts:
+        return torch.cat([F.dropout(xs, p=dropout, training=True) @ a[r0:r1].t().to(xs.dtype)
+                          for r0, r1, *_ in parts], dim=1)
+    return xs @ a.t().to(xs.dtype)  # one shrink for every packed projection
+
+
+def _segment_delta(x: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float, width: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The segment's delta [n, width] for the whole group output (zeros where no projection is targeted)."""
+    xa = _shrink(x, tokens, weights, dropout)
+    cols, at = [], 0
+    for r0, r1, o0, o1, bt in weights[1]:
+        if o0 > at:
+            cols.append(xa.new_zeros(xa.shape[0], o0 - at))
+        cols.append(xa[:, r0:r1] @ bt.to(xa.dtype))
+        at = o1
+    if at < width:
+        cols.append(xa.new_zeros(xa.shape[0], width - at))
+    return torch.cat(cols, dim=1).to(dtype)
+
+
+def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tensor, weights,
+                   dropout: float) -> torch.Tensor:
+    """Inference: add the segment's delta to ``y`` in place."""
+    if isinstance(tokens, slice):
+        xa = _shrink(x, tokens, weights, dropout)
+        for r0, r1, o0, o1, bt in weights[1]:
             y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
         return y
-    delta = torch.zeros(xa.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-    for r0, r1, o0, o1, bt in parts:
-        delta[:, o0:o1] = xa[:, r0:r1] @ bt.to(xa.dtype)
-    if isinstance(tokens, slice):
-        tokens = torch.arange(tokens.start, tokens.stop, device=y.device)
+    delta = _segment_delta(x, tokens, weights, dropout, y.shape[1], y.dtype)
     # index_put with accumulate: much faster on CPU than index_add_ for a few scattered rows
-    return y.index_put_((tokens,), delta, accumulate=True) if inplace else y.index_put((tokens,), delta, accumulate=True)
+    return y.index_put_((tokens,), delta, accumulate=True)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Training mode: fused multi-adapter training on a tiny model, checked against PEFT and against itself."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ from aspen.train.trainer import Trainer, lr_at
 from tests.tiny_models import hf_model, make_checkpoint
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-WORDS = "the quick brown fox jumps over lazy dog a small cat sat by warm fire and looked at rain tom took red ball".split()
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "small", "cat", "sat", "by", "warm",
+         "fire", "and", "looked", "at", "rain", "tom", "took", "red", "ball")
 SEED_EXAMPLE = "/work/shared/seed/aspen-example"
 
 
@@ -58,10 +60,9 @@ def env(tmp_path_factory):
 
 
 def adapter(env, name: str, kind: str, **kw) -> dict:
-    spec = dict(name=name, data=str(env.root / f"{kind}.json"), val_split=8, r=8, alpha=16, dropout=0.0, lr=1e-2,
-                batch_size=4, micro_batch_size=2, max_steps=6, eval_every_steps=3, target_modules=ALL7, seed=1)
-    spec.update(kw)
-    return spec
+    return {"name": name, "data": str(env.root / f"{kind}.json"), "val_split": 8, "r": 8, "alpha": 16, "dropout": 0.0,
+            "lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_steps": 6, "eval_every_steps": 3,
+            "target_modules": ALL7, "seed": 1, **kw}
 
 
 def train(env, out: str, *adapters: dict, lm=None, **kw):
@@ -277,8 +278,14 @@ def test_aspen_format_config_trains_via_the_cli_and_notifies_the_server(env, tmp
     calls = []
 
     class FakeClient:
-        def __init__(self, address):
+        def __init__(self, address, timeout=None):
             self.address = address
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
 
         def load_adapter(self, adapter_id, path):
             calls.append((self.address, adapter_id, path))
@@ -301,6 +308,54 @@ def test_nf4_base_trains_and_serves(env):
     ids = list(range(5, 25))
     with_adapter, base = lm.score(ids, adapter=out["q"]), lm.score(ids)
     assert torch.isfinite(with_adapter).all() and (with_adapter - base).abs().max().item() > 1e-3
+    # serving on a CPU with AVX512-BF16 repacks the 4-bit weights for a kernel without backward: refused
+    if any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in lm.model.modules()
+           if isinstance(m, bnb_linear(4))):
+        with pytest.raises(aspen.AspenError, match="already used for CPU inference"):
+            train(env, "nf4-again", adapter(env, "q", "rev", max_steps=1), lm=lm)
+
+
+def bnb_linear(bits: int):
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_base_gradients_equal_the_dequantized_base(env, mode):
+    """Gradients reach the adapters through every quantized projection (no inference-only kernel on the way)."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    lm = aspen.load_model(env.base, quantize=mode, progress=False)
+    ref = copy.deepcopy(lm)
+    for block in (mod for layer in ref.model.model.layers for mod in (layer.self_attn, layer.mlp)):
+        for name, m in list(block.named_children()):
+            if isinstance(m, bnb_linear(4)):
+                w = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            elif isinstance(m, bnb_linear(8)):
+                w = m.weight.CB.float() * m.weight.SCB.float()[:, None] / 127
+            else:
+                continue
+            setattr(block, name, nn.Linear(w.shape[1], w.shape[0], bias=False).requires_grad_(False))
+            getattr(block, name).weight.copy_(w)
+
+    def grads(model) -> dict[str, torch.Tensor]:
+        trainer = Trainer(model, parse_config({"output_dir": str(env.root / "g"), "adapters": [
+            adapter(env, "g", "rev", r=4)]}), progress=False)
+        t = trainer.trainees[0]
+        with torch.no_grad():
+            for k, p in t.lora.params.items():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(k)))
+        from aspen.train.trainer import trainable_base
+
+        with trainable_base(model.model):
+            sums, counts = trainer._forward_nll([(t, t.train_set[:2])], dropout=False)
+        (sums[0] / counts[0]).backward()
+        return {k: p.grad for k, p in t.lora.params.items()}
+
+    got, want = grads(lm), grads(ref)
+    assert max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in got) < 1e-4
 
 
 def test_config_errors_name_the_field(env):
@@ -338,3 +393,59 @@ def test_data_kinds_templates_and_cutoff(env, tmp_path):
         tokenize([{"question": "?"}], tok, tpl, 64, False)
     assert lr_at(parse_config({"adapters": [adapter(env, "w", "rev", lr_schedule="cosine", warmup_steps=2)]})
                  .adapters[0].candidates[0], 0, 10) == pytest.approx(1e-2 / 2)
+
+
+def test_trained_adapter_is_served_by_a_running_server_without_restart(env, tmp_path):
+    from clients.client import AspenClient
+    from tests.test_server import ServerThread
+
+    ads = tmp_path / "served"
+    os.makedirs(ads)
+    server = ServerThread({"base": env.base, "adapters": str(ads)})
+    try:
+        cfg = tmp_path / "train.yaml"
+        spec = adapter(env, "rev", "rev", max_steps=4)
+        cfg.write_text(json.dumps({"adapters": [spec]}))  # JSON is YAML
+        from aspen.cli import main
+
+        assert main(["train", "--config", str(cfg), "--base-model", env.base, "--out", str(ads),
+                     "--server", server.address, "--no-progress"]) == 0
+        with AspenClient(server.address, timeout=30) as c:
+            info = {a.adapter_id: a for a in c.list_adapters()}
+            assert info["rev"].registered and info["rev"].rank == 8
+            tuned = c.generate("tom took =>", adapter="rev", max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    finally:
+        server.stop()
+    ids = env.lm.tokenizer("tom took =>")["input_ids"]
+    for _ in range(6):  # greedy decoding with the adapter we saved, through our own engine
+        ids.append(int(env.lm.score(ids, adapter=str(ads / "rev"))[-1].argmax()))
+    assert list(tuned.token_ids) == ids[-6:]
+
+
+def test_demo_adapter_tasks_are_deterministic_and_cached(tmp_path, monkeypatch):
+    from aspen.demo import adapters as demo
+
+    for name in demo.DEMO_ADAPTERS:
+        assert demo.task_records(name, n=12) == demo.task_records(name, n=12)
+    for rec in demo.task_records("double", n=12):
+        words = rec["completion"].removeprefix(",").split()
+        assert words and words[::2] == words[1::2]
+    for rec in demo.task_records("list", n=12):
+        lines = rec["completion"].removeprefix(",").strip("\n").split("\n")
+        assert [line.split(". ")[0] for line in lines] == [str(i) for i in range(1, len(lines) + 1)]
+    assert demo.task_records("reverse", n=1)[0]["completion"] != demo.task_records("double", n=1)[0]["completion"]
+    cfg = demo.demo_config(str(tmp_path), str(tmp_path / "out"))
+    assert [s.name for s in cfg.adapters] == list(demo.DEMO_ADAPTERS)
+
+    out = tmp_path / "ads"
+    for name in demo.DEMO_ADAPTERS:
+        os.makedirs(out / name)
+        for f in demo.ADAPTER_FILES:
+            (out / name / f).write_text("{}")
+    (out / demo.MARKER).write_text(json.dumps({"version": demo.VERSION}))
+
+    def no_training(*a, **k):
+        raise AssertionError("a complete set of demo adapters must not be retrained")
+
+    monkeypatch.setattr("aspen.train.trainer.Trainer", no_training)
+    assert demo.ensure_demo_adapters("no-base-needed", str(out)) == list(demo.DEMO_ADAPTERS)
