@@ -30,6 +30,7 @@ Contracts
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
@@ -39,7 +40,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from aspen.errors import AdapterError, AdapterNotFoundError
-from engine.adapter_paths import resolve_adapter_path, validate_adapter_id
+from engine.adapter_paths import check_confined, resolve_adapter_path, validate_adapter_id
 from engine.page_allocator import PageAllocator
 
 
@@ -174,6 +175,21 @@ class AdapterCache:
             self._generations[adapter_id] = gen
             self._entries[adapter_id] = _Entry(adapter_id, real, gen)
             return gen
+
+    def load(self, adapter_id: str, path: str | None = None) -> AdapterInfo:
+        """:meth:`register`, :meth:`prefetch` and the adapter's :class:`AdapterInfo`, as one step under the lock, so
+        a concurrent :meth:`unregister` of the same id cannot slip in between. Nothing stays registered if the
+        read fails."""
+        with self._lock:
+            self.register(adapter_id, path)
+            try:
+                self.prefetch(adapter_id)
+            except Exception:
+                entry = self._entries.get(adapter_id)
+                if entry is not None and not entry.pins:
+                    self.unregister(adapter_id)
+                raise
+            return next(i for i in self.info() if i.adapter_id == adapter_id)
 
     def unregister(self, adapter_id: str) -> None:
         """Drop ``adapter_id`` from every tier; :class:`AdapterBusyError` while pinned."""
@@ -345,6 +361,8 @@ class AdapterCache:
     def _load_host(self, entry: _Entry) -> Any:
         t0 = time.perf_counter()
         try:
+            if os.path.isdir(entry.path):  # a missing directory is the backend's NOT_FOUND to report
+                check_confined(self._root, entry.path)  # the tree may have changed since register()
             host = self._backend.load_host(entry.adapter_id, entry.path)
         except BaseException:
             self._counts["load_failures"] += 1

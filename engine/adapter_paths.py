@@ -16,7 +16,10 @@ Contract
   ``latest -> v2`` is listed under both names), skips those that escape, breaks symlink cycles,
   and skips names that are not valid ids.
 
-Checks happen at resolve time; a symlink swapped afterwards (TOCTOU) is the loader's concern.
+Checks happen at resolve time, and again by :func:`check_confined` right before the adapter cache reads an
+adapter (a directory swapped for a symlink after it was registered, or a *file* inside the adapter directory
+that is a symlink out of the root, is refused then). What remains is the window between that check and the
+open (TOCTOU), which needs an attacker who can already write inside the adapter root.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from aspen.errors import AdapterNotFoundError, AdapterPathError
 
 MAX_ADAPTER_ID_LEN = 256
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+#: The files a PEFT adapter loader opens inside an adapter directory (aspen.peft_io).
+ADAPTER_FILE_NAMES = (ADAPTER_CONFIG_NAME, "adapter_model.safetensors", "adapter_model.bin")
 _DISALLOWED = re.compile(r"[^A-Za-z0-9._\-/]")
 
 
@@ -95,11 +100,26 @@ def resolve_adapter_path(root: str, adapter_id: str) -> str:
         raise AdapterPathError(f"adapter id {_show(adapter_id)} resolves to the adapter root itself")
     if not _is_inside(real, root_real):
         raise AdapterPathError(
-            f"adapter id {_show(adapter_id)} resolves to {real!r}, outside the adapter root {root_real!r}"
+            f"adapter id {_show(adapter_id)} resolves outside the adapter root"  # no paths: clients read this
         )
     if not os.path.isdir(real):
         raise AdapterNotFoundError(f"no adapter directory {_show(adapter_id)} under {root_real!r}")
     return real
+
+
+def check_confined(root: str, path: str) -> None:
+    """Raise :class:`AdapterPathError` unless the adapter directory ``path`` and the adapter files in it (those
+    that exist) still resolve strictly inside ``root``. Called right before an adapter is read."""
+    root_real = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if not _is_inside(real, root_real):
+        raise AdapterPathError(f"adapter directory {_show(os.path.basename(path))} now resolves outside the "
+                               "adapter root (replaced by a symlink?)")
+    for name in ADAPTER_FILE_NAMES:
+        file = os.path.join(real, name)
+        if os.path.lexists(file) and not _is_inside(os.path.realpath(file), root_real):
+            raise AdapterPathError(f"{name} of adapter directory {_show(os.path.relpath(real, root_real))} is a "
+                                   "symlink that leads outside the adapter root")
 
 
 def list_adapter_dirs(root: str) -> list[str]:

@@ -133,4 +133,10 @@ class AsyncLLMEngine:
 
     async def run_blocking(self, fn, *args):
         """Run a blocking engine call (adapter load/unload, tokenize) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        def call():
+            try:
+                return fn(*args)
+            except StopIteration as e:  # cannot be set on an asyncio future: the awaiting call would hang
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} raised StopIteration") from e
+
+        return await asyncio.get_running_loop().run_in_executor(None, call)

@@ -10,8 +10,11 @@ Clients decode the details with ``grpc_status.rpc_status.from_call(call)`` and u
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
+import inspect
 import logging
+import os
 from collections.abc import Sequence
 
 import grpc
@@ -115,33 +118,43 @@ def sampling_field(error: SamplingParamsError) -> str:
     return f"params.{error.field}"
 
 
+def redact_paths(text: str, root: str | None) -> str:
+    """``text`` for a client: paths below the server's adapter root shown relative to it, the root itself hidden
+    (the server log keeps the full paths)."""
+    if not root or root == os.sep:
+        return text
+    return text.replace(root.rstrip(os.sep) + os.sep, "").replace(root, "<adapter root>")
+
+
 def status_for_exception(exc: BaseException, *, adapter_field: str = "adapter_id",
-                         adapter_id: str = "") -> grpc.Status:
+                         adapter_id: str = "", root: str | None = None) -> grpc.Status:
     """The status a client gets for ``exc``. ``adapter_field`` names the request field an
-    :class:`AdapterPathError` blames (``adapter_id`` or ``path``); ``adapter_id`` is the adapter concerned."""
+    :class:`AdapterPathError` blames (``adapter_id`` or ``path``); ``adapter_id`` is the adapter concerned;
+    ``root`` (the adapter root) is redacted from messages (:func:`redact_paths`)."""
+    text = redact_paths(str(exc), root)
     if isinstance(exc, InvalidArgument):
-        return invalid_argument(str(exc), [(exc.field, exc.reason)])
+        return invalid_argument(text, [(exc.field, exc.reason)])
     if isinstance(exc, SamplingParamsError):
-        return invalid_argument(str(exc), [(sampling_field(exc), exc.reason)])
+        return invalid_argument(text, [(sampling_field(exc), exc.reason)])
     if isinstance(exc, AdapterPathError):
-        return invalid_argument(str(exc), [(adapter_field, str(exc))])
+        return invalid_argument(text, [(adapter_field, text)])
     if isinstance(exc, AdapterNotFoundError):
-        return not_found("adapter", adapter_id, str(exc))
+        return not_found("adapter", adapter_id, text)
     if isinstance(exc, AdapterBusyError):
-        return failed_precondition("ADAPTER_BUSY", f"adapter/{adapter_id}", str(exc))
+        return failed_precondition("ADAPTER_BUSY", f"adapter/{adapter_id}", text)
     if isinstance(exc, AdapterError):
-        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}", str(exc))
+        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}", text)
     if isinstance(exc, QueueFullError):
-        return resource_exhausted(str(exc))
+        return resource_exhausted(text)
     if isinstance(exc, EngineDeadError):
         log.error("request refused: %s", exc)
         return unavailable("the engine is not running; retry on another replica")
     if isinstance(exc, DuplicateRequestError):
-        return already_exists("request", exc.request_id, str(exc))
-    if isinstance(exc, ValueError) and "already in use" in str(exc):  # the engine's own duplicate check
-        return already_exists("request", "", str(exc))
+        return already_exists("request", exc.request_id, text)
+    if isinstance(exc, ValueError) and "already in use" in text:  # the engine's own duplicate check
+        return already_exists("request", "", text)
     if isinstance(exc, ValueError):  # the remaining validation errors of add_request are about the prompt
-        return invalid_argument(str(exc), [("prompt", str(exc))])
+        return invalid_argument(text, [("prompt", text)])
     log.error("unexpected error while serving a call", exc_info=exc)
     return internal()
 
@@ -154,20 +167,26 @@ _CLIENT_ERRORS = {
     "AdapterPathError": grpc.StatusCode.INVALID_ARGUMENT,
     "AdapterError": grpc.StatusCode.FAILED_PRECONDITION,
     "AdapterBusyError": grpc.StatusCode.FAILED_PRECONDITION,
+    "QueueFullError": grpc.StatusCode.RESOURCE_EXHAUSTED,  # a late refusal at the step boundary: retryable
 }
 
 
-def engine_error(error: str | None, request_id: str, adapter_id: str) -> tuple[grpc.Status, str]:
-    """Status and client-safe message for a request the engine finished with an error."""
+def engine_error(error: str | None, request_id: str, adapter_id: str,
+                 root: str | None = None) -> tuple[grpc.Status, str]:
+    """Status and client-safe message for a request the engine finished with an error (``root``: as for
+    :func:`status_for_exception`)."""
     name, _, message = (error or "").partition(": ")
+    message = redact_paths(message, root)
     code = _CLIENT_ERRORS.get(name)
     if code is grpc.StatusCode.NOT_FOUND:
         return not_found("adapter", adapter_id, message), message
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         return invalid_argument(message, [("adapter_id", message)]), message
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return resource_exhausted(message), message
     if code is not None:
         return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}", message), message
-    log.error("request %s failed inside the engine: %s", request_id, error)
+    log.error("request %r failed inside the engine: %s", request_id, error)  # %r: ids are client text
     text = f"generation failed inside the engine (request {request_id}); the server log has the details"
     return make_status(grpc.StatusCode.INTERNAL, text), text
 
@@ -197,3 +216,61 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         make = getattr(grpc, f"{kind}_rpc_method_handler")
         return make(deny, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
+
+
+class _Unparsable:
+    """Stands in for a request message that could not be decoded (see :class:`ParseErrorInterceptor`)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT for request bytes that do not decode as the method's message.
+
+    grpc answers UNKNOWN ("Unexpected DecodeError ...") when a request deserializer raises, e.g. for corrupt wire
+    data or a string field holding invalid UTF-8; that is client input, so it gets a documented status instead.
+    Only ``aspen.v1`` methods (all unary-request) are wrapped; health and reflection pass through unchanged."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None or handler.request_streaming \
+                or not details.method.startswith("/aspen."):
+            return handler
+        parse = handler.request_deserializer
+
+        def safe_parse(raw: bytes):
+            try:
+                return parse(raw)
+            except Exception as e:  # noqa: BLE001 -- DecodeError and friends: reported to the client below
+                return _Unparsable(e)
+
+        def refusal(request: _Unparsable) -> grpc.Status:
+            reason = f"the request message could not be decoded ({type(request.error).__name__}: {request.error})"
+            return invalid_argument(reason, [("request", reason)])
+
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request, context):
+                if isinstance(request, _Unparsable):
+                    await context.abort_with_status(refusal(request))
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=safe_parse,
+                                                       response_serializer=handler.response_serializer)
+        behavior = handler.unary_stream
+
+        async def stream(request, context):
+            if isinstance(request, _Unparsable):
+                await context.abort_with_status(refusal(request))
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async with contextlib.aclosing(result):  # a cancelled call closes the handler at once, not at GC
+                    async for message in result:
+                        yield message
+            else:  # a coroutine handler (e.g. the auth interceptor's refusal) writes or aborts itself
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=safe_parse,
+                                                    response_serializer=handler.response_serializer)

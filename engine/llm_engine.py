@@ -18,7 +18,7 @@ from collections import deque
 from typing import Sequence
 
 import aspen
-from aspen.errors import AdapterNotFoundError
+from aspen.errors import AdapterNotFoundError, AdapterPathError
 from aspen.kv_cache import KVCache
 from aspen.lora_pool import LoraPool
 from engine.adapter_backend import LoraBackend
@@ -30,10 +30,20 @@ from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request import FinishReason, Request
 from engine.request_state import RequestState
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("aspen.engine")
+
+#: Numeric ranges the float32 sampler handles without producing inf / NaN rows (a NaN row fails the whole step,
+#: i.e. every request batched with it): the logits are divided by the temperature, and multiplied or divided by
+#: the repetition penalty. SamplingParams only asks for finite values; these bounds are the engine's own.
+MAX_TEMPERATURE = 1e4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+#: A text prompt longer than max_model_len * (longest token in characters) * this can never fit the context; it
+#: is refused before tokenizing (tokenizing 16 MB of text takes most of a minute). The slack covers normalizers
+#: that merge characters (NFC).
+PROMPT_CHARS_SLACK = 4
 
 
 class LLMEngine:
@@ -52,6 +62,7 @@ class LLMEngine:
         self.tokenizer = self.model.tokenizer
         mc = self.model.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer) * PROMPT_CHARS_SLACK
         num_blocks = cfg.num_kv_blocks or cfg.kv_cache_bytes // KVCache.bytes_per_block(
             mc, cfg.block_size, self.model.dtype)
         if num_blocks * cfg.block_size < self.max_model_len:
@@ -70,7 +81,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                             max_model_len=self.max_model_len, chunked_prefill=cfg.chunked_prefill,
-                            max_waiting=cfg.max_waiting, max_head_skips=cfg.max_head_skips),
+                            # the queue cap is enforced by add_request, which also counts adds not applied yet;
+                            # the scheduler must not refuse later what add_request accepted (a preempted request
+                            # re-entering the queue in between would make it fail with an internal error)
+                            max_waiting=0, max_head_skips=cfg.max_head_skips),
             self.block_manager, self.adapters)
         kv = self.model.new_kv_cache(num_blocks, cfg.block_size)
         self.runner = ModelRunner(self.model, kv, pool, seed=cfg.seed)
@@ -92,6 +106,7 @@ class LLMEngine:
         ids = self._prompt_ids(prompt)
         params.check_context(len(ids), self.max_model_len)
         params.check_vocab(self.model.config.vocab_size)
+        self._check_numerics(params)
         if adapter_id is not None:
             self._require_adapter(adapter_id)
         rid = request_id if request_id is not None else uuid.uuid4().hex
@@ -116,11 +131,33 @@ class LLMEngine:
     def has_work(self) -> bool:
         return bool(self._commands) or self.scheduler.has_unfinished()
 
+    def _check_numerics(self, p: SamplingParams) -> None:
+        """Refuse parameters the sampler would turn into a row without a finite logit (see MAX_TEMPERATURE)."""
+        if p.temperature > MAX_TEMPERATURE:
+            raise SamplingParamsError("temperature", f"expected a number in [0, {MAX_TEMPERATURE:g}], got "
+                                                     f"{p.temperature!r}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= p.repetition_penalty <= hi:
+            raise SamplingParamsError("repetition_penalty", f"expected a number in [{lo:g}, {hi:g}], got "
+                                                            f"{p.repetition_penalty!r}")
+        if p.min_new_tokens > 0:  # every token masked until min_new_tokens: nothing could be sampled
+            vocab = self.model.config.vocab_size
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model.config.eos_token_ids))
+            if len({t for t in banned if 0 <= t < vocab}) >= vocab:
+                raise SamplingParamsError("stop_token_ids", "with min_new_tokens > 0 these stop token ids (and EOS "
+                                                            "unless ignore_eos) mask the whole vocabulary")
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
-            return self.tokenize(prompt)
+            if len(prompt) > self.max_prompt_chars:
+                raise ValueError(f"prompt of {len(prompt)} characters can never fit the context of "
+                                 f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
+            ids = self.tokenize(prompt)
+            if not ids:
+                raise ValueError("prompt is empty after tokenization")
+            return ids
         ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty")
@@ -160,11 +197,18 @@ class LLMEngine:
             now = time.monotonic()
             for i, c in enumerate(sampled):
                 state = self._states[c.request.request_id]
-                reason = state.on_token(result, i, self.model.config.eos_token_ids, self.max_model_len, now)
-                if reason is not None:
-                    self.scheduler.finish(c.request, reason)
-                    self._pop(c.request.request_id)
-                outputs.append(state.output())
+                try:
+                    reason = state.on_token(result, i, self.model.config.eos_token_ids, self.max_model_len, now)
+                    if reason is not None:
+                        self.scheduler.finish(c.request, reason)
+                        self._pop(c.request.request_id)
+                    outputs.append(state.output())
+                except Exception as e:  # e.g. detokenizing this request's tokens: fail it alone
+                    log.exception("request %r failed after its step; failing it", c.request.request_id)
+                    self.scheduler.finish(c.request, FinishReason.ERROR)  # no-op if already finished
+                    with self._lock:
+                        self._states.pop(c.request.request_id, None)
+                    outputs.append(state.output(error=e))
             return outputs
 
     def _apply_commands(self) -> list[RequestOutput]:
@@ -220,17 +264,15 @@ class LLMEngine:
         validate_adapter_id(adapter_id)
         if self.adapters is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
+        if path is not None and "\x00" in path:  # realpath would raise a bare ValueError
+            raise AdapterPathError(f"adapter path {path[:80]!r} contains a NUL character")
         if path is not None and os.path.isabs(path):
             real = os.path.realpath(path)
             if os.path.commonpath([real, self.adapter_dir]) == self.adapter_dir:
                 path = os.path.relpath(real, self.adapter_dir)
-        self.adapters.register(adapter_id, path)
-        try:
-            self.adapters.prefetch(adapter_id)
-        except Exception:
-            self.adapters.unregister(adapter_id)
-            raise
-        return next(i for i in self.adapters.info() if i.adapter_id == adapter_id)
+        # one atomic cache call: an UnloadAdapter of the same id racing with this one used to make the info
+        # lookup raise StopIteration (which hangs an asyncio future) instead of returning
+        return self.adapters.load(adapter_id, path)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; raises AdapterBusyError while running requests use it."""
@@ -260,3 +302,13 @@ class LLMEngine:
                 "adapter_pins": self.adapters.pinned_count() if self.adapters else 0,
                 "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
                 "tracked": len(self._states)}
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """Characters of the longest token string in the vocabulary (special tokens included); 1 if unknown."""
+    try:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    except Exception:  # noqa: BLE001 -- a tokenizer without these methods: no character limit worth having
+        log.warning("cannot list the tokenizer's vocabulary; text prompts are limited by message size only")
+        return 1 << 20
+    return max((len(t) for t in tokens if isinstance(t, str)), default=1) or 1

@@ -1,6 +1,7 @@
 """Engine-side state of one request: its detokenizer, sampling state, logprobs, and what was already reported."""
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -55,7 +56,8 @@ class RequestState:
         """The request's output now, with the delta since the previous call."""
         req = self.request
         if error is not None:
-            self._delta_text += self.detok.finish()
+            with contextlib.suppress(Exception):  # the detokenizer may be what failed: report the error regardless
+                self._delta_text += self.detok.finish()
         tokens = tuple(req.output_token_ids)
         delta_tokens = tokens[self._reported_tokens:]
         delta_lp = tuple(self.logprobs[self._reported_logprobs:])

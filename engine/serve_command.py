@@ -43,7 +43,7 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-queue", type=int, default=0,
                    help="waiting-queue cap; beyond it calls get RESOURCE_EXHAUSTED (0 = unbounded)")
     m.add_argument("--no-prefix-caching", action="store_true")
+    m.add_argument("--allow-pickle-adapters", action="store_true",
+                   help="also read legacy pickled adapter_model.bin files (with torch.load(weights_only=True)); "
+                        "off by default: only safetensors adapters are read")
     m.add_argument("--seed", type=int, default=None, help="seed of the shared sampler generator")
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -119,6 +122,8 @@ def options_from_args(args: argparse.Namespace):
             engine[key] = value * scale
     if args.no_prefix_caching:
         engine["enable_prefix_caching"] = False
+    if getattr(args, "allow_pickle_adapters", False):
+        engine["allow_pickle_adapters"] = True
     token = None
     if args.auth_token_file:
         with open(args.auth_token_file, encoding="utf-8") as f:

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from engine import grpc_errors as errs
-from engine.adapter_paths import validate_adapter_id
+from engine.adapter_paths import check_confined, validate_adapter_id
 from engine.async_engine import AsyncLLMEngine
 from engine.llm_engine import LLMEngine
 from engine.metrics import ServerMetrics
@@ -117,7 +117,8 @@ class AspenServer:
             ("grpc.keepalive_permit_without_calls", int(o.keepalive_permit_without_calls)),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [errs.AuthInterceptor(o.auth_token)] if o.auth_token else []
+        # auth first (outermost): an unauthenticated caller learns nothing, not even whether its bytes parse
+        interceptors = ([errs.AuthInterceptor(o.auth_token)] if o.auth_token else []) + [errs.ParseErrorInterceptor()]
         self._server = server = grpc.aio.server(interceptors=interceptors, options=server_options)
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
         pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self), server)
@@ -177,6 +178,11 @@ class AspenServer:
             self.state = "serving"
             for name in ("",) + SERVICE_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def adapter_root(self) -> str | None:
+        """The engine's (real) adapter root, redacted from client-facing error messages."""
+        return self.llm.adapter_dir if self.llm is not None else None
 
     @property
     def loading(self) -> bool:
@@ -241,7 +247,7 @@ class AspenServer:
             raise
         except Exception as e:  # noqa: BLE001 -- every exception becomes a status; unexpected ones INTERNAL
             await context.abort_with_status(errs.status_for_exception(
-                e, adapter_field=call.adapter_field, adapter_id=call.adapter_id))
+                e, adapter_field=call.adapter_field, adapter_id=call.adapter_id, root=self.adapter_root))
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -286,6 +292,7 @@ class AspenServer:
             call.prompt_field = "text"
             if not request.text:
                 raise errs.InvalidArgument("text", "the prompt is empty")
+            self._check_text_length(request.text, "text")
             return request.text
         call.prompt_field = "token_ids.ids"
         ids = list(request.token_ids.ids)
@@ -296,6 +303,13 @@ class AspenServer:
         if bad:
             raise errs.InvalidArgument("token_ids.ids", f"token ids must be in [0, {vocab}), got {bad[:5]}")
         return ids
+
+    def _check_text_length(self, text: str, field_name: str) -> None:
+        """Refuse, without tokenizing it, a text too long to ever fit the context (see LLMEngine.max_prompt_chars)."""
+        limit = self.llm.max_prompt_chars
+        if len(text) > limit:
+            raise errs.InvalidArgument(field_name, f"{len(text)} characters can never fit the context of "
+                                                   f"{self.llm.max_model_len} tokens (at most {limit} characters)")
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -309,7 +323,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 async for out in outs:
                     final = out
             if final.finish_reason == "error":
-                status, _ = errs.engine_error(final.error, final.request_id, request.adapter_id)
+                status, _ = errs.engine_error(final.error, final.request_id, request.adapter_id, self.s.adapter_root)
                 await context.abort_with_status(status)
             msg = pb.GenerateResponse(request_id=final.request_id, adapter_id=final.adapter_id or "",
                                       text=final.text, token_ids=final.token_ids,
@@ -319,21 +333,30 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def GenerateStream(self, request, context):
         async with self.s.call(context) as call, contextlib.aclosing(self.s.outputs(request, call)) as outs:
+            streamed = False
             async for out in outs:
                 if not (out.delta_text or out.delta_token_ids or out.finished):
                     continue
+                if out.finish_reason == "error" and not streamed:
+                    # failed before its first token (e.g. its adapter vanished before admission): the status the
+                    # unary call would get (NOT_FOUND, ...), not an OK stream whose only message is an error
+                    await context.abort_with_status(
+                        errs.engine_error(out.error, out.request_id, request.adapter_id, self.s.adapter_root)[0])
+                streamed = True
                 msg = pb.GenerateStreamResponse(request_id=out.request_id, text=out.delta_text,
                                                 token_ids=out.delta_token_ids,
                                                 logprobs=_logprobs(out.delta_logprobs))
                 if out.finished:
                     _finish(msg, out)
                     if out.finish_reason == "error":
-                        msg.error = errs.engine_error(out.error, out.request_id, request.adapter_id)[1]
+                        msg.error = errs.engine_error(out.error, out.request_id, request.adapter_id,
+                                                      self.s.adapter_root)[1]
                 yield msg
 
     async def Tokenize(self, request, context):
         async with self.s.call(context):
             llm = self.s.llm
+            self.s._check_text_length(request.text, "text")
 
             def work():
                 ids = llm.tokenize(request.text) if request.text else []
@@ -378,6 +401,7 @@ def adapter_info_proto(llm: LLMEngine, info, registered: bool) -> pb.AdapterInfo
                          active_requests=info.pins, host_bytes=info.nbytes or 0, device_pages=info.num_pages or 0,
                          generation=info.generation, path=os.path.relpath(info.path, llm.adapter_dir))
     try:
+        check_confined(llm.adapter_dir, info.path)  # never read a config through a symlink out of the root
         raw = read_adapter_config(info.path)
     except Exception:  # noqa: BLE001 -- a broken config only leaves these fields empty in a listing
         return msg
