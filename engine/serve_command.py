@@ -46,6 +46,7 @@ class ServerOptions:
     auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    train_demo_adapters: bool = False  # --model demo: train the demo adapters into adapter_dir if missing
 
     @property
     def model_name(self) -> str:
@@ -56,6 +57,12 @@ def build_engine(options: ServerOptions):
     """The LLMEngine that ``options`` describe (loads the model: slow)."""
     from engine.llm_engine import LLMEngine
 
+    if options.model == "demo" and options.train_demo_adapters and options.adapter_dir:
+        from aspen.demo import ensure_demo_base
+        from aspen.demo.adapters import ensure_demo_adapters
+
+        # first run only (cached): about a minute or two on a 2-core CPU, while health says NOT_SERVING
+        ensure_demo_adapters(ensure_demo_base(), options.adapter_dir)
     return LLMEngine(model=options.model, adapter_dir=options.adapter_dir, quantize=options.quantize,
                      dtype=options.dtype, device=options.device, progress=False, **options.engine_options)
 
@@ -66,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--adapter-dir", default=None,
                    help="adapter root: adapter ids are paths below it (default for --model demo: "
                         "$ASPEN_HOME/demo/adapters; otherwise no adapters)")
+    m.add_argument("--no-demo-adapters", action="store_true",
+                   help="with --model demo: do not train the demo adapters on first start")
     m.add_argument("--quantize", choices=("none", "int8", "nf4", "fp4"), default=None)
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     m.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
@@ -142,7 +151,8 @@ def options_from_args(args: argparse.Namespace):
         keepalive_min_ping_interval_s=args.keepalive_min_ping_interval,
         keepalive_permit_without_calls=args.keepalive_permit_without_calls, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, auth_token=token, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host)
+        metrics_host=args.metrics_host,
+        train_demo_adapters=args.model == "demo" and args.adapter_dir is None and not args.no_demo_adapters)
 
 
 def ready_line(server) -> str:
