@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -20,9 +18,14 @@ import grpc
 import psutil
 
 from clients.aspen.v1 import aspen_pb2 as pb
-from tests.test_lora_parity import make_peft_adapter
-from tests.test_server import ENGINE, ServerThread, aspen_command, details, self_signed_cert  # noqa: F401
-from tests.tiny_models import make_checkpoint
+from tests.test_server import (  # noqa: F401
+    ENGINE,
+    ServerThread,
+    aspen_command,
+    build_assets,
+    details,
+    self_signed_cert,
+)
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 #: Status codes a client may get for its own input (proto/aspen/v1/aspen.proto, the table at the top).
@@ -40,19 +43,7 @@ def shared_assets(tmp_path_factory) -> dict:
     once per session. Tests that change adapter files copy the adapter root first (:func:`private_adapter_root`)."""
     key = str(tmp_path_factory.getbasetemp())
     if key not in _ASSETS:
-        if importlib.util.find_spec("aspen.cpu_kernels") is not None:  # build them (once) outside any deadline
-            importlib.import_module("aspen.cpu_kernels").kernel()
-        root = tmp_path_factory.mktemp("reliability")
-        base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=512)
-        ads = root / "adapters"
-        make_peft_adapter(base, str(ads / "a1"), seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        make_peft_adapter(base, str(ads / "team" / "a2"), seed=2, r=8, lora_alpha=16,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        make_peft_adapter(base, str(ads / "a3"), seed=3, r=2, lora_alpha=4, target_modules=["o_proj"])
-        shutil.copytree(ads / "a1", ads / "bad")
-        cfg = json.loads((ads / "bad" / "adapter_config.json").read_text())
-        (ads / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
-        _ASSETS[key] = {"root": str(root), "base": base, "adapters": str(ads)}
+        _ASSETS[key] = build_assets(tmp_path_factory.mktemp("reliability"))
     return _ASSETS[key]
 
 

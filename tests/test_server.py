@@ -39,11 +39,10 @@ GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
 LONG = {"max_new_tokens": 490, "temperature": 0.0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def build_assets(root) -> dict:
+    """A tiny llama base (512 positions) and adapters a1, team/a2, a3 and bad (config rank != weights) in root."""
     if importlib.util.find_spec("aspen.cpu_kernels") is not None:  # build them (once) outside any deadline
         importlib.import_module("aspen.cpu_kernels").kernel()
-    root = tmp_path_factory.mktemp("server")
     base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=512)
     ads = root / "adapters"
     make_peft_adapter(base, str(ads / "a1"), seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -54,6 +53,11 @@ def assets(tmp_path_factory):
     cfg = json.loads((ads / "bad" / "adapter_config.json").read_text())
     (ads / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
     return {"root": str(root), "base": base, "adapters": str(ads)}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("server"))
 
 
 class ServerThread:
