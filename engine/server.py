@@ -7,14 +7,14 @@ UNAVAILABLE, in-flight calls may finish within the grace period, then the rest a
 call aborts its engine request) and the engine thread stops. The model never runs on the event loop thread.
 
 Also served: ``grpc.health.v1.Health`` and server reflection (both exempt from token auth, for probes), and
-Prometheus metrics (see :mod:`engine.metrics`). Error mapping: :mod:`engine.grpc_errors`.
+Prometheus metrics (see :mod:`engine.metrics`). The servicers' methods: :mod:`engine.servicers`; proto <-> engine
+conversions: :mod:`engine.proto_convert`; error mapping: :mod:`engine.grpc_errors`.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,48 +26,18 @@ from grpc_reflection.v1alpha import reflection
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from engine import grpc_errors as errs
-from engine.adapter_paths import check_confined, validate_adapter_id
+from engine.adapter_paths import validate_adapter_id
 from engine.async_engine import AsyncLLMEngine
 from engine.llm_engine import LLMEngine
 from engine.metrics import ServerMetrics
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.proto_convert import adapter_info_proto, params_from_proto  # noqa: F401 -- adapter_info_proto: re-export
+from engine.sampling_params import SamplingParamsError
 from engine.serve_command import ServerOptions, build_engine
+from engine.servicers import AdapterServicer, GenerationServicer
 
 log = logging.getLogger("aspen.server")
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 MAX_REQUEST_ID_CHARS = 256
-_OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "seed", "min_new_tokens", "logprobs",
-                    "skip_special_tokens")
-_FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP,
-           "aborted": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR}
-_TIER = {"disk": pb.ADAPTER_TIER_DISK, "host": pb.ADAPTER_TIER_HOST, "device": pb.ADAPTER_TIER_DEVICE}
-_QUANT = {"none": pb.QUANTIZATION_NONE, "int8": pb.QUANTIZATION_INT8, "nf4": pb.QUANTIZATION_NF4,
-          "fp4": pb.QUANTIZATION_FP4}
-
-
-def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
-    """Engine sampling parameters; unset optional fields keep the engine defaults."""
-    kw = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
-    return SamplingParams(stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          **kw)
-
-
-def _logprobs(items) -> list[pb.TokenLogprob]:
-    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in items]
-
-
-def _finish(msg, out) -> None:
-    """Fill finish_reason, usage and the stop reason of a final message."""
-    msg.finish_reason = _FINISH.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
-    msg.usage.prompt_tokens = out.prompt_tokens
-    msg.usage.completion_tokens = out.completion_tokens
-    msg.usage.cached_prompt_tokens = out.num_cached_tokens
-    if isinstance(out.stop_reason, str):
-        msg.stop_sequence = out.stop_reason
-    elif isinstance(out.stop_reason, int):
-        msg.stop_token_id = out.stop_reason
 
 
 class _Call:
@@ -310,143 +280,3 @@ class AspenServer:
         if len(text) > limit:
             raise errs.InvalidArgument(field_name, f"{len(text)} characters can never fit the context of "
                                                    f"{self.llm.max_model_len} tokens (at most {limit} characters)")
-
-
-class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    def __init__(self, server: AspenServer) -> None:
-        self.s = server
-
-    async def Generate(self, request, context):
-        async with self.s.call(context) as call:
-            final = None
-            async with contextlib.aclosing(self.s.outputs(request, call)) as outs:
-                async for out in outs:
-                    final = out
-            if final.finish_reason == "error":
-                status, _ = errs.engine_error(final.error, final.request_id, request.adapter_id, self.s.adapter_root)
-                await context.abort_with_status(status)
-            msg = pb.GenerateResponse(request_id=final.request_id, adapter_id=final.adapter_id or "",
-                                      text=final.text, token_ids=final.token_ids,
-                                      logprobs=_logprobs(final.logprobs))
-            _finish(msg, final)
-            return msg
-
-    async def GenerateStream(self, request, context):
-        async with self.s.call(context) as call, contextlib.aclosing(self.s.outputs(request, call)) as outs:
-            streamed = False
-            async for out in outs:
-                if not (out.delta_text or out.delta_token_ids or out.finished):
-                    continue
-                if out.finish_reason == "error" and not streamed:
-                    # failed before its first token (e.g. its adapter vanished before admission): the status the
-                    # unary call would get (NOT_FOUND, ...), not an OK stream whose only message is an error
-                    await context.abort_with_status(
-                        errs.engine_error(out.error, out.request_id, request.adapter_id, self.s.adapter_root)[0])
-                streamed = True
-                msg = pb.GenerateStreamResponse(request_id=out.request_id, text=out.delta_text,
-                                                token_ids=out.delta_token_ids,
-                                                logprobs=_logprobs(out.delta_logprobs))
-                if out.finished:
-                    _finish(msg, out)
-                    if out.finish_reason == "error":
-                        msg.error = errs.engine_error(out.error, out.request_id, request.adapter_id,
-                                                      self.s.adapter_root)[1]
-                yield msg
-
-    async def Tokenize(self, request, context):
-        async with self.s.call(context):
-            llm = self.s.llm
-            self.s._check_text_length(request.text, "text")
-
-            def work():
-                ids = llm.tokenize(request.text) if request.text else []
-                return ids, llm.tokenizer.convert_ids_to_tokens(ids)
-
-            ids, tokens = await self.s.engine.run_blocking(work)
-            return pb.TokenizeResponse(token_ids=ids, tokens=[str(t) for t in tokens])
-
-    async def GetModelInfo(self, request, context):
-        async with self.s.call(context):
-            llm, cfg = self.s.llm, self.s.llm.config
-            mc = llm.model.config
-            stats = llm.adapters.stats() if llm.adapters is not None else None
-            return pb.GetModelInfoResponse(
-                base_model=self.s.options.model_name, model_family=mc.family,
-                dtype=str(llm.model.dtype).removeprefix("torch."),
-                quantization=_QUANT.get(llm.model.quantize, pb.QUANTIZATION_UNSPECIFIED),
-                device=str(llm.model.device), max_context_tokens=llm.max_model_len, vocab_size=mc.vocab_size,
-                max_num_seqs=cfg.max_num_seqs, max_queue=cfg.max_waiting,
-                kv_cache_blocks=llm.block_manager.num_blocks, kv_block_size=cfg.block_size,
-                adapters_enabled=stats is not None,
-                adapter_cache_device_pages=stats.num_device_pages if stats else 0,
-                adapter_cache_host_bytes=stats.host_budget_bytes if stats else 0,
-                server_version=_version())
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("aspen-serve")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def adapter_info_proto(llm: LLMEngine, info, registered: bool) -> pb.AdapterInfo:
-    """Proto AdapterInfo, with rank / target modules / alpha read from adapter_config.json (best effort)."""
-    from aspen.peft_config import read_adapter_config
-
-    msg = pb.AdapterInfo(adapter_id=info.adapter_id, tier=_TIER.get(info.tier, pb.ADAPTER_TIER_UNSPECIFIED),
-                         registered=registered,
-                         active_requests=info.pins, host_bytes=info.nbytes or 0, device_pages=info.num_pages or 0,
-                         generation=info.generation, path=os.path.relpath(info.path, llm.adapter_dir))
-    try:
-        check_confined(llm.adapter_dir, info.path)  # never read a config through a symlink out of the root
-        raw = read_adapter_config(info.path)
-    except Exception:  # noqa: BLE001 -- a broken config only leaves these fields empty in a listing
-        return msg
-    if isinstance(raw.get("r"), int):
-        msg.rank = raw["r"]
-    if isinstance(raw.get("lora_alpha"), (int, float)):
-        msg.lora_alpha = raw["lora_alpha"]
-    targets = raw.get("target_modules")
-    msg.target_modules.extend([targets] if isinstance(targets, str) else sorted(map(str, targets or ())))
-    return msg
-
-
-class AdapterServicer(pb_grpc.AdapterServiceServicer):
-    def __init__(self, server: AspenServer) -> None:
-        self.s = server
-
-    async def LoadAdapter(self, request, context):
-        async with self.s.call(context) as call:
-            call.adapter_id = request.adapter_id
-            validate_adapter_id(request.adapter_id)
-            call.adapter_field = "path" if request.path else "adapter_id"
-            llm = self.s.llm
-
-            def work():
-                info = llm.load_adapter(request.adapter_id, request.path or None)
-                return adapter_info_proto(llm, info, True)
-
-            info = await self.s.engine.run_blocking(work)
-            log.info("adapter %r loaded (tier %s)", request.adapter_id, pb.AdapterTier.Name(info.tier))
-            return pb.LoadAdapterResponse(adapter=info)
-
-    async def UnloadAdapter(self, request, context):
-        async with self.s.call(context) as call:
-            call.adapter_id = request.adapter_id
-            validate_adapter_id(request.adapter_id)
-            await self.s.engine.run_blocking(self.s.llm.unload_adapter, request.adapter_id)
-            log.info("adapter %r unloaded", request.adapter_id)
-            return pb.UnloadAdapterResponse()
-
-    async def ListAdapters(self, request, context):
-        async with self.s.call(context):
-            llm = self.s.llm
-
-            def work():
-                registered = {i.adapter_id for i in llm.adapters.info()} if llm.adapters is not None else set()
-                return [adapter_info_proto(llm, i, i.adapter_id in registered) for i in llm.list_adapters()]
-
-            return pb.ListAdaptersResponse(adapters=await self.s.engine.run_blocking(work))
