@@ -21,11 +21,10 @@ from clients.aspen.v1 import aspen_pb2 as pb
 from tests.test_server import (  # noqa: F401
     ENGINE,
     ServerThread,
-    aspen_command,
     build_assets,
     details,
-    self_signed_cert,
 )
+from tests.test_server_deployment import aspen_command, self_signed_cert  # noqa: F401
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 #: Status codes a client may get for its own input (proto/aspen/v1/aspen.proto, the table at the top).
