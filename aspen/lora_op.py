@@ -115,29 +115,41 @@ class LoraBatch:
 
 
     def _apply_differentiable(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Training: every segment's delta is computed out of place and added to ``y`` once (no per-segment copy
-        of the group output); contiguous segments are stitched together with zero blocks for base tokens."""
-        pieces: list[tuple[int, torch.Tensor]] = []
+        """Training: every segment's delta is computed out of place and added to ``y`` once. Disjoint contiguous
+        segments read their rows through one ``split`` of ``x`` (its backward is one concatenation, where a slice
+        per segment would zero-fill a whole-batch gradient each) and their deltas are stitched together with
+        zero blocks for base tokens; other segments are gathered and scattered by index."""
+        spans: list[tuple[int, int, float, tuple]] = []
         scattered = []
         for seg in self.segments:
             w = seg.weights.group_weights(layer, group)
             if w is None:
                 continue
-            delta = _segment_delta(x, seg.tokens, w, seg.dropout, y.shape[1], y.dtype)
             if isinstance(seg.tokens, slice):
-                pieces.append((seg.tokens.start, delta))
+                spans.append((seg.tokens.start, seg.tokens.stop, seg.dropout, w))
             else:
-                scattered.append((seg.tokens, delta))
-        if pieces:
-            pieces.sort(key=lambda p: p[0])
-            parts, at = [], 0
-            for start, delta in pieces:
-                if start > at:
-                    parts.append(y.new_zeros(start - at, y.shape[1]))
-                parts.append(delta)
-                at = start + delta.shape[0]
-            if at < y.shape[0]:
-                parts.append(y.new_zeros(y.shape[0] - at, y.shape[1]))
+                scattered.append((seg.tokens, _segment_delta(x.index_select(0, seg.tokens), w, seg.dropout,
+                                                              y.shape[1], y.dtype)))
+        spans.sort(key=lambda s: s[0])
+        if any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1)):  # overlapping: no split
+            scattered += [(torch.arange(a, b, device=x.device), _segment_delta(x[a:b], w, p, y.shape[1], y.dtype))
+                          for a, b, p, w in spans]
+            spans = []
+        if spans:
+            sizes, owners, at = [], [], 0
+            for a, b, p, w in spans:
+                if a > at:
+                    sizes.append(a - at)
+                    owners.append(None)
+                sizes.append(b - a)
+                owners.append((p, w))
+                at = b
+            if at < x.shape[0]:
+                sizes.append(x.shape[0] - at)
+                owners.append(None)
+            parts = [y.new_zeros(rows.shape[0], y.shape[1]) if owner is None
+                     else _segment_delta(rows, owner[1], owner[0], y.shape[1], y.dtype)
+                     for rows, owner in zip(x.split(sizes), owners)]
             y = y + torch.cat(parts, dim=0)
         for tokens, delta in scattered:
             y = y.index_add(0, tokens, delta)
@@ -150,10 +162,9 @@ def _token_index(spans: list[tuple[int, int]], device: torch.device) -> slice | 
     return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
 
 
-def _shrink(x: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float) -> torch.Tensor:
-    """xa [n, R] = (dropout of) the segment's input times the stacked A rows of every packed projection."""
+def _shrink(xs: torch.Tensor, weights, dropout: float) -> torch.Tensor:
+    """xa [n, R] = (dropout of) the segment's input rows times the stacked A rows of every packed projection."""
     a, parts = weights
-    xs = x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
     if dropout > 0:
         # like PEFT, every projection draws its own dropout mask on its input; autograd keeps each mask for
         # the backward pass, so forward and backward see the same dropped units
@@ -162,10 +173,10 @@ def _shrink(x: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: flo
     return xs @ a.t().to(xs.dtype)  # one shrink for every packed projection
 
 
-def _segment_delta(x: torch.Tensor, tokens: slice | torch.Tensor, weights, dropout: float, width: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """The segment's delta [n, width] for the whole group output (zeros where no projection is targeted)."""
-    xa = _shrink(x, tokens, weights, dropout)
+def _segment_delta(xs: torch.Tensor, weights, dropout: float, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The delta [n, width] of the segment's input rows ``xs`` for the whole group output (zeros where no
+    projection is targeted)."""
+    xa = _shrink(xs, weights, dropout)
     cols, at = [], 0
     for r0, r1, o0, o1, bt in weights[1]:
         if o0 > at:
@@ -181,11 +192,11 @@ def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tenso
                    dropout: float) -> torch.Tensor:
     """Inference: add the segment's delta to ``y`` in place."""
     if isinstance(tokens, slice):
-        xa = _shrink(x, tokens, weights, dropout)
+        xa = _shrink(x[tokens], weights, dropout)
         for r0, r1, o0, o1, bt in weights[1]:
             y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
         return y
-    delta = _segment_delta(x, tokens, weights, dropout, y.shape[1], y.dtype)
+    delta = _segment_delta(x.index_select(0, tokens), weights, dropout, y.shape[1], y.dtype)
     # index_put with accumulate: much faster on CPU than index_add_ for a few scattered rows
     return y.index_put_((tokens,), delta, accumulate=True)
 

@@ -133,9 +133,13 @@ class DecoderModel(nn.Module):
 
     def forward(self, batch: FlatBatch, kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
         """Run one step; returns logits [len(batch.logits_indices), vocab] in float32."""
+        return self.lm_head(self.final_hidden(batch, kv, lora)).float()
+
+    def final_hidden(self, batch: FlatBatch, kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run one step up to the head: the normed hidden states [len(batch.logits_indices), hidden]."""
         h = self.model.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)
         for layer in self.model.layers:
             h = layer(h, cos, sin, batch, kv, lora)
         h = h.index_select(0, batch.logits_indices)
-        return self.lm_head(self.model.norm(h)).float()
+        return self.model.norm(h)

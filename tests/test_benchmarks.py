@@ -103,3 +103,13 @@ def test_compute_efficiency(home, tmp_path):
     # tiny: 2 layers x (64x128 qkv + 64x64 o + 64x256 gate_up + 128x64 down) + 320x64 lm_head
     assert r["matmul_params"] == 2 * (64 * 128 + 64 * 64 + 64 * 256 + 128 * 64) + 320 * 64
     assert r["achieved_gflops"] > 0 and r["peak_gemm_gflops"] > 0 and 0 < r["fraction_of_peak"]
+
+
+def test_train_fused(home, tmp_path):
+    from benchmarks.train_fused import main
+
+    r = main(["--tiny", "--rounds", "1", "--steps", "1", "--adapters", "2", "--out", str(tmp_path / "r.json")])
+    assert _report(tmp_path / "r.json") == r
+    assert r["fused"]["tokens"] == r["peft_sequential"]["tokens"] > 0  # the same sequences on both sides
+    assert len(r["peft_sequential"]["runs"]) == 2 and r["setup"]["rounds"] == 1
+    assert r["tokens_per_s_ratio"] > 0 and r["peak_memory_ratio"] > 0

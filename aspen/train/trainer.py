@@ -2,14 +2,15 @@
 
 One *fused step* takes the next micro-batch of every active adapter (candidate), packs all their sequences into
 one :class:`~aspen.batch.FlatBatch` (one :class:`~aspen.batch.SeqChunk` per sequence, start_pos 0, its own blocks
-of a fresh KV cache, every token's logits, ``adapter_slot`` = the adapter's slot), and runs the frozen base once
-over it with a :class:`~aspen.lora_op.LoraBatch` holding one :class:`~aspen.lora_op.Segment` per adapter — the
-server's LoRA op, fed by each adapter's trainable weights. The loss of adapter k is the sum of its tokens' NLL
-over the label tokens of its micro-batch, divided by the number of label tokens in its whole (accumulated)
-batch, so accumulating ``batch_size / micro_batch_size`` micro-batches gives exactly the batch mean. The losses
-are summed and back-propagated once: a sequence only sees its own adapter, so each adapter receives exactly the
-gradient of its own loss. Each adapter then runs its own optimizer step, learning-rate schedule and evaluation
-when its own batch is complete.
+of a fresh KV cache, ``adapter_slot`` = the adapter's slot), and runs the frozen base once over it with a
+:class:`~aspen.lora_op.LoraBatch` holding one :class:`~aspen.lora_op.Segment` per adapter — the server's LoRA op,
+fed by each adapter's trainable weights. Only the label tokens' hidden states go through the frozen head
+(:mod:`aspen.train.loss`, chunked: the [tokens, vocab] logits are never held whole). The loss of adapter k is the
+sum of its tokens' NLL over the label tokens of its micro-batch, divided by the number of label tokens in its
+whole (accumulated) batch, so accumulating ``batch_size / micro_batch_size`` micro-batches gives exactly the
+batch mean. The losses are summed and back-propagated once: a sequence only sees its own adapter, so each
+adapter receives exactly the gradient of its own loss. Each adapter then runs its own optimizer step,
+learning-rate schedule and evaluation when its own batch is complete.
 
 Evaluation (no dropout, no grad) is fused the same way across the adapters due for it. Early stopping and the
 search (:mod:`aspen.train.search`) remove adapters from the fused batch. Checkpoints (``output_dir/checkpoint``)
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from aspen.batch import LOGITS_ALL, FlatBatch, SeqChunk
@@ -38,6 +38,7 @@ from aspen.lora_op import LoraBatch, Segment
 from aspen.train.adapter import TrainableLora
 from aspen.train.config import AdapterConfig, AdapterSpec, TrainConfig, TrainConfigError
 from aspen.train.data import IGNORE, DataStream, Example, dataset_key, load_dataset
+from aspen.train.loss import token_nll
 from aspen.train.search import RULE, SuccessiveHalving
 
 log = logging.getLogger(__name__)
@@ -277,19 +278,21 @@ class Trainer:
         return todo[:self.config.max_concurrent] if self.config.max_concurrent else todo
 
     def _pack(self, items: list[tuple[Trainee, list[Example]]]):
-        """One flat batch of every sequence (one chunk each, own blocks); per item its token span; targets."""
-        chunks, spans, targets, block = [], [], [], 0
+        """One flat batch of every sequence (one chunk each, own blocks); the flat positions of the label tokens
+        (item by item) and their targets."""
+        chunks, targets, block = [], [], 0
         for t, examples in items:
-            start = len(targets)
             for ex in examples:
                 nb = -(-len(ex.ids) // BLOCK_SIZE)
                 chunks.append(SeqChunk(ex.ids, 0, range(block, block + nb), adapter_slot=t.slot, logits=LOGITS_ALL))
                 block += nb
                 targets.extend(ex.targets())
-            spans.append((start, len(targets)))
         batch = FlatBatch.build(chunks, BLOCK_SIZE, self.lm.device, self.lm.config.sliding_window)
         kv = self.lm.new_kv_cache(block, BLOCK_SIZE)
-        return batch, kv, spans, torch.tensor(targets, dtype=torch.long, device=self.lm.device)
+        labelled = [i for i, t in enumerate(targets) if t != IGNORE]
+        device = self.lm.device
+        return (batch, kv, torch.tensor(labelled, dtype=torch.long, device=device),
+                torch.tensor([targets[i] for i in labelled], dtype=torch.long, device=device))
 
     @property
     def seed(self) -> int:
@@ -298,14 +301,19 @@ class Trainer:
 
     def _forward_nll(self, items, dropout: bool):
         """Per item: the summed NLL of its label tokens (a tensor [len(items)]) and their number."""
-        batch, kv, spans, targets = self._pack(items)
-        lora = LoraBatch([Segment(slice(a, b), t.lora, t.cfg.dropout if dropout else 0.0)
-                          for (t, _), (a, b) in zip(items, spans)])
-        logits = self.model(batch, kv, lora)  # [T, vocab]: every token's logits
-        nll = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")  # [T], 0 where ignored
-        del logits  # backward keeps the log-softmax it needs; the [T, vocab] logits can go now (peak memory)
-        sums = torch.stack([nll[a:b].sum() for a, b in spans])
+        batch, kv, labelled, targets = self._pack(items)
+        spans, at = [], 0
+        for _, examples in items:
+            n = sum(len(ex.ids) for ex in examples)
+            spans.append(slice(at, at + n))
+            at += n
+        lora = LoraBatch([Segment(span, t.lora, t.cfg.dropout if dropout else 0.0)
+                          for (t, _), span in zip(items, spans)])
+        hidden = self.model.final_hidden(batch, kv, lora)  # [T, hidden], every token
+        # only the label tokens go through the head: chunked, never the whole [T, vocab] logits at once
+        nll = token_nll(hidden.index_select(0, labelled), self.model.lm_head.weight, targets)
         counts = [sum(ex.num_targets for ex in examples) for _, examples in items]
+        sums = torch.stack([part.sum() for part in nll.split(counts)])
         return sums, counts
 
     def _train_step(self, active: list[Trainee]) -> list[Trainee]:
