@@ -2,18 +2,21 @@
 attention over the paged KV cache.
 
 BGMV: for each row ``n`` (one token, one adapter) it reads that adapter's pages straight from the pool — no gathered
-copy — and adds the low-rank delta to the row's output:
+copy — and adds the low-rank delta to the row's output (float32 activations and math; the pool may be stored in
+float32, float16 or bfloat16, converted on load — the pool bytes are what a many-adapter decode step costs):
 
     xa[j]            = x[tok[n], :in] . pool[rows[n, j], :in]                      (shrink)
     y[tok[n], o0+c] += sum_{j in part} xa[j] * pool[rows[n, j], in + c]              (expand, B scale folded)
 
-Page 0 is the all-zero padding page and is skipped.
+Page 0 is the all-zero padding page (padding rows read it and add nothing).
 
 Paged decode attention: for each decode row ``d`` and head ``h`` (kv head ``h // group``), keys and values are
 read in place from their slots ``slots[d, starts[d]:lens[d]]`` — no gathered copy of the context — then a
 two-pass softmax (max, exp-sum) weights the values.
 
-Rows run in parallel (ATen's thread pool); the inner loops are plain C++ that the compiler vectorises. Built with ``torch.utils.cpp_extension.load_inline`` into torch's
+Rows run in parallel (ATen's thread pool). BGMV's inner loops use AVX2/FMA/F16C intrinsics where the compiler
+targets them (``-march=native``) and plain C++ otherwise; attention's are plain C++ that the compiler vectorises.
+Built with ``torch.utils.cpp_extension.load_inline`` into torch's
 extension cache (about a minute, once per machine). If it cannot be built (no compiler), or
 ``ASPEN_CPU_KERNELS=0`` is set, callers fall back to their pure-torch paths — same results, slower.
 """
@@ -35,48 +38,145 @@ _SOURCE = r"""
 #include <limits>
 #include <algorithm>
 
-void bgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor tok, torch::Tensor rows,
-              torch::Tensor parts, int64_t in_features) {
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat &&
-              pool.scalar_type() == torch::kFloat, "bgmv_add: float32 tensors expected");
-  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && pool.is_contiguous() && rows.is_contiguous() &&
-              tok.is_contiguous() && parts.is_contiguous(), "bgmv_add: contiguous tensors expected");
-  const int64_t N = rows.size(0), R = rows.size(1), W = pool.size(1), K = parts.size(0);
-  const int64_t xs = x.size(1), ys = y.size(1);
-  float* Y = y.data_ptr<float>();
-  const float* X = x.data_ptr<float>();
-  const float* P = pool.data_ptr<float>();
-  const int64_t* T = tok.data_ptr<int64_t>();
-  const int64_t* RW = rows.data_ptr<int64_t>();
-  const int64_t* PT = parts.data_ptr<int64_t>();
+// Pool elements as float32: float itself, IEEE half (F16C converts 8 at a time) or bfloat16 (the top 16 bits
+// of a float32). The pool is read once per step and is the bandwidth bill of the LoRA op; a 16-bit pool halves it.
+inline float to_f32(float v) { return v; }
+inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// Shrink: four rank rows at a time share each load of x. Expand: four rank rows at a time share each load and
+// store of y. (Row by row, the y traffic in L1 — not DRAM — bounded the op.)
+template <typename T> void dot4(const float* x, const T* a0, const T* a1, const T* a2, const T* a3, int64_t n,
+                                float* out) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    s0 = _mm256_fmadd_ps(xv, load8(a0 + i), s0);
+    s1 = _mm256_fmadd_ps(xv, load8(a1 + i), s1);
+    s2 = _mm256_fmadd_ps(xv, load8(a2 + i), s2);
+    s3 = _mm256_fmadd_ps(xv, load8(a3 + i), s3);
+  }
+  out[0] = hsum(s0); out[1] = hsum(s1); out[2] = hsum(s2); out[3] = hsum(s3);
+  for (; i < n; ++i) {
+    out[0] += x[i] * to_f32(a0[i]); out[1] += x[i] * to_f32(a1[i]);
+    out[2] += x[i] * to_f32(a2[i]); out[3] += x[i] * to_f32(a3[i]);
+  }
+}
+template <typename T> float dot(const float* x, const T* a, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(a + i), s0);
+  float s = hsum(s0);
+  for (; i < n; ++i) s += x[i] * to_f32(a[i]);
+  return s;
+}
+template <typename T> void axpy4(float* y, const float* c, const T* b0, const T* b1, const T* b2, const T* b3,
+                                 int64_t n) {
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]), c2 = _mm256_set1_ps(c[2]),
+               c3 = _mm256_set1_ps(c[3]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = _mm256_fmadd_ps(c0, load8(b0 + i), _mm256_loadu_ps(y + i));
+    acc = _mm256_fmadd_ps(c1, load8(b1 + i), acc);
+    acc = _mm256_fmadd_ps(c2, load8(b2 + i), acc);
+    acc = _mm256_fmadd_ps(c3, load8(b3 + i), acc);
+    _mm256_storeu_ps(y + i, acc);
+  }
+  for (; i < n; ++i) y[i] += c[0] * to_f32(b0[i]) + c[1] * to_f32(b1[i]) + c[2] * to_f32(b2[i]) + c[3] * to_f32(b3[i]);
+}
+template <typename T> void axpy(float* y, float c, const T* b, int64_t n) {
+  const __m256 cv = _mm256_set1_ps(c);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(cv, load8(b + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += c * to_f32(b[i]);
+}
+#else
+template <typename T> float dot(const float* x, const T* a, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * to_f32(a[i]);
+  return s;
+}
+template <typename T> void dot4(const float* x, const T* a0, const T* a1, const T* a2, const T* a3, int64_t n,
+                                float* out) {
+  out[0] = dot(x, a0, n); out[1] = dot(x, a1, n); out[2] = dot(x, a2, n); out[3] = dot(x, a3, n);
+}
+template <typename T> void axpy(float* y, float c, const T* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += c * to_f32(b[i]);
+}
+template <typename T> void axpy4(float* y, const float* c, const T* b0, const T* b1, const T* b2, const T* b3,
+                                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += c[0] * to_f32(b0[i]) + c[1] * to_f32(b1[i]) + c[2] * to_f32(b2[i]) + c[3] * to_f32(b3[i]);
+}
+#endif
+
+template <typename T>
+void bgmv_impl(float* Y, const float* X, const T* P, const int64_t* T_, const int64_t* RW, const int64_t* PT,
+               int64_t N, int64_t R, int64_t W, int64_t K, int64_t xs, int64_t ys, int64_t in_features) {
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xa(R);
     for (int64_t n = begin; n < end; ++n) {
-      const float* xt = X + T[n] * xs;
+      const float* xt = X + T_[n] * xs;
       const int64_t* rn = RW + n * R;
-      for (int64_t j = 0; j < R; ++j) {
-        if (rn[j] == 0) { xa[j] = 0.f; continue; }
-        const float* a = P + rn[j] * W;
-        float s = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t i = 0; i < in_features; ++i) s += xt[i] * a[i];
-        xa[j] = s;
-      }
-      float* yt = Y + T[n] * ys;
+      // page 0 is all zeros: padding rows read it and add nothing
+      int64_t j = 0;
+      for (; j + 4 <= R; j += 4)
+        dot4(xt, P + rn[j] * W, P + rn[j + 1] * W, P + rn[j + 2] * W, P + rn[j + 3] * W, in_features, &xa[j]);
+      for (; j < R; ++j) xa[j] = dot(xt, P + rn[j] * W, in_features);
+      float* yt = Y + T_[n] * ys;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r0 = PT[4 * k], r1 = PT[4 * k + 1], o0 = PT[4 * k + 2], o1 = PT[4 * k + 3];
-        float* yo = yt + o0;
-        const int64_t width = o1 - o0;
-        for (int64_t j = r0; j < r1; ++j) {
-          if (rn[j] == 0) continue;
-          const float c = xa[j];
-          const float* b = P + rn[j] * W + in_features;
-          #pragma omp simd
-          for (int64_t o = 0; o < width; ++o) yo[o] += c * b[o];
-        }
+        const T* B = P + in_features;
+        int64_t i = r0;
+        for (; i + 4 <= r1; i += 4)
+          axpy4(yt + o0, &xa[i], B + rn[i] * W, B + rn[i + 1] * W, B + rn[i + 2] * W, B + rn[i + 3] * W, o1 - o0);
+        for (; i < r1; ++i) axpy(yt + o0, xa[i], B + rn[i] * W, o1 - o0);
       }
     }
   });
+}
+
+void bgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor tok, torch::Tensor rows,
+              torch::Tensor parts, int64_t in_features) {
+  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
+              "bgmv_add: float32 activations expected");
+  TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && pool.is_contiguous() && rows.is_contiguous() &&
+              tok.is_contiguous() && parts.is_contiguous(), "bgmv_add: contiguous tensors expected");
+  const int64_t N = rows.size(0), R = rows.size(1), W = pool.size(1), K = parts.size(0);
+  float* Y = y.data_ptr<float>();
+  const float* X = x.data_ptr<float>();
+  const int64_t* T_ = tok.data_ptr<int64_t>();
+  const int64_t* RW = rows.data_ptr<int64_t>();
+  const int64_t* PT = parts.data_ptr<int64_t>();
+  switch (pool.scalar_type()) {
+    case torch::kFloat:
+      bgmv_impl(Y, X, pool.data_ptr<float>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1), in_features); break;
+    case torch::kHalf:
+      bgmv_impl(Y, X, pool.data_ptr<c10::Half>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1), in_features);
+      break;
+    case torch::kBFloat16:
+      bgmv_impl(Y, X, pool.data_ptr<c10::BFloat16>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1),
+                in_features);
+      break;
+    default:
+      TORCH_CHECK(false, "bgmv_add: pool must be float32, float16 or bfloat16");
+  }
 }
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
@@ -132,6 +232,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 }
 """
 
+POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # pool storage the BGMV kernel reads (fp32 math)
 _module = None
 _failed = False
 _lock = threading.Lock()
@@ -151,7 +252,7 @@ def kernel():
                 from torch.utils.cpp_extension import load_inline
 
                 log.info("building the CPU kernels (once per machine, about a minute)...")
-                _module = load_inline(name="aspen_cpu_kernels_v1", cpp_sources=_SOURCE,
+                _module = load_inline(name="aspen_cpu_kernels_v3", cpp_sources=_SOURCE,
                                       functions=["bgmv_add", "paged_decode_attention"],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], verbose=False)
@@ -169,7 +270,7 @@ def bgmv_add(y: torch.Tensor, x: torch.Tensor, pool_layer: torch.Tensor, tok: to
     mod = kernel()
     if mod is None:
         return False
-    if not (y.dtype == x.dtype == pool_layer.dtype == torch.float32) or not y.is_contiguous():
+    if not (y.dtype == x.dtype == torch.float32) or pool_layer.dtype not in POOL_DTYPES or not y.is_contiguous():
         return False
     mod.bgmv_add(y, x.contiguous(), pool_layer, tok, rows, parts, in_features)
     return True

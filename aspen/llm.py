@@ -80,10 +80,13 @@ class LanguageModel:
         self.adapters[adapter_id] = adapter
         return adapter
 
-    def pool_adapters(self, adapters: Sequence) -> tuple[LoraPool, list[PooledAdapter]]:
-        """A pool just big enough for ``adapters`` (LoraAdapter objects), each written to its own pages."""
+    def pool_adapters(self, adapters: Sequence, dtype: str | torch.dtype | None = None
+                      ) -> tuple[LoraPool, list[PooledAdapter]]:
+        """A pool just big enough for ``adapters`` (LoraAdapter objects), each written to its own pages; the pool
+        stores ``dtype`` (default: the model's)."""
         sizes = [pages_needed(a) for a in adapters]
-        pool = LoraPool(self.config, max(1, sum(sizes)), dtype=self.dtype, device=self.device)
+        pool_dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        pool = LoraPool(self.config, max(1, sum(sizes)), dtype=pool_dtype, device=self.device)
         pooled, start = [], 0
         for a, n in zip(adapters, sizes):
             pooled.append(pool.write(a, list(range(start, start + n))))

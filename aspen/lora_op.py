@@ -252,12 +252,12 @@ class _GatherPlan:
             return y
         if bgmv_add(y, x, pool.data[layer], self.tokens, g.rows, g.parts_tensor, g.in_features):
             return y
-        data = pool.data[layer]
-        xs = x.index_select(0, self.tokens).to(data.dtype)  # [N, in]
-        a = data[g.rows, :g.in_features]  # [N, R, in]: gathers only the A columns
+        data = pool.data[layer]  # math in the activations' dtype, whatever the pool stores
+        xs = x.index_select(0, self.tokens)  # [N, in]
+        a = data[g.rows, :g.in_features].to(xs.dtype)  # [N, R, in]: gathers only the A columns
         xa = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [N, R]
         delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
         for r0, r1, o0, o1 in g.parts:
-            bt = data[g.rows[:, r0:r1], g.in_features:g.in_features + o1 - o0]  # [N, r, out]
+            bt = data[g.rows[:, r0:r1], g.in_features:g.in_features + o1 - o0].to(xs.dtype)  # [N, r, out]
             delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
         return y.index_put_((self.tokens,), delta, accumulate=True)

@@ -101,14 +101,8 @@ class LoraPool:
         for m in LORA_TARGETS:
             if m in ranks:
                 module_rows[m] = [next(it) for _ in range(ranks[m])]
-        idx = torch.tensor(rows, dtype=torch.long, device=self.data.device)
-        self.data[:, idx] = 0
-        for (layer, m), w in adapter.weights.items():
-            in_f, out_f = self.config.module_shape(m)
-            r = w.A.shape[0]
-            block = torch.cat([w.A.float(), (w.B.float() * w.scale).t()], dim=1)  # [r, in + out]
-            dst = torch.tensor(module_rows[m][:r], dtype=torch.long, device=self.data.device)
-            self.data[layer, dst, :in_f + out_f] = block.to(self.data.device, self.data.dtype)
+        for m, m_rows in module_rows.items():
+            self._write_module(adapter, m, m_rows)
         groups = {}
         for g, members in GROUPS.items():
             targeted = [m for m in members if m in module_rows]
@@ -124,6 +118,33 @@ class LoraPool:
             groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device), tuple(g_rows),
                                     self.config.module_shape(members[0])[0], tuple(parts))
         return PooledAdapter(tuple(pages), groups, max(ranks.values()))
+
+    def _write_module(self, adapter, module: str, rows: list[int]) -> None:
+        """Write projection ``module`` of every layer into pool rows ``rows`` (one page per rank row).
+
+        Only the ``[:in + out]`` columns a page's projection reads are written; rows a layer does not fill (a
+        layer the adapter skips, or a smaller rank there from ``rank_pattern``) are zeroed. A contiguous run of
+        rows — what a fresh or defragmented pool hands out — is written with plain slice copies."""
+        in_f, out_f = self.config.module_shape(module)
+        r0 = rows[0]
+        contiguous = rows == list(range(r0, r0 + len(rows)))
+        index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self.data.device)
+        for layer in range(self.config.num_hidden_layers):
+            w = adapter.weights.get((layer, module))
+            r = 0 if w is None else w.A.shape[0]
+            if contiguous:
+                dst = self.data[layer, r0:r0 + len(rows), :in_f + out_f]
+                if r:
+                    dst[:r, :in_f].copy_(w.A)
+                    dst[:r, in_f:].copy_(w.B.t() * w.scale)
+                if r < len(rows):
+                    dst[r:].zero_()
+            else:
+                block = torch.zeros(len(rows), in_f + out_f, dtype=self.data.dtype)
+                if r:
+                    block[:r, :in_f] = w.A
+                    block[:r, in_f:] = w.B.t() * w.scale
+                self.data[layer, index, :in_f + out_f] = block.to(self.data.device)
 
     def clear(self, pooled: PooledAdapter) -> None:
         """Zero an adapter's pages (not needed for correctness: pages are overwritten on reuse)."""

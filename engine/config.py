@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MiB = 1 << 20
+ADAPTER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class EngineConfig:
     max_waiting: int = 0  # waiting-queue cap (0 = unbounded); beyond it add_request raises QueueFullError
     max_head_skips: int = 32  # fairness: how often later requests may pass a waiting head request
     allow_pickle_adapters: bool = False  # legacy adapter_model.bin (read with weights_only=True)
+    # storage dtype of the device adapter pool: "auto" = the model's; float16/bfloat16 halve what a decode step
+    # with many distinct adapters reads (the LoRA math stays in the model's dtype; the weights are rounded)
+    adapter_dtype: str = "auto"
     seed: int | None = None  # seed of the sampler's shared generator (unseeded requests)
 
     def __post_init__(self) -> None:
@@ -35,5 +39,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"EngineConfig.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
+                             f"got {self.adapter_dtype!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"EngineConfig.max_waiting must be an int >= 0, got {self.max_waiting!r}")

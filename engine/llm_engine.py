@@ -20,6 +20,7 @@ from typing import Sequence
 import aspen
 from aspen.errors import AdapterNotFoundError, AdapterPathError
 from aspen.kv_cache import KVCache
+from aspen.llm import parse_dtype
 from aspen.lora_pool import LoraPool
 from engine.adapter_backend import LoraBackend
 from engine.adapter_cache import AdapterCache, AdapterInfo
@@ -68,8 +69,9 @@ class LLMEngine:
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len="
                              f"{self.max_model_len}: raise kv_cache_bytes/num_kv_blocks or lower max_model_len")
-        pages = cfg.lora_pool_pages or max(1, cfg.lora_pool_bytes // LoraPool.bytes_per_page(mc, self.model.dtype))
-        pool = LoraPool(mc, pages, dtype=self.model.dtype, device=self.model.device)
+        pool_dtype = self.model.dtype if cfg.adapter_dtype == "auto" else parse_dtype(cfg.adapter_dtype)
+        pages = cfg.lora_pool_pages or max(1, cfg.lora_pool_bytes // LoraPool.bytes_per_page(mc, pool_dtype))
+        pool = LoraPool(mc, pages, dtype=pool_dtype, device=self.model.device)
         self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
         if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
             raise AdapterNotFoundError(f"adapter directory {adapter_dir!r} does not exist")

@@ -45,3 +45,17 @@ def _required(name: str) -> list[str]:
     return {"generate": ["--server", "127.0.0.1:1", "hi"], "adapters": ["list", "--server", "127.0.0.1:1"],
             "train": ["--config", "x.yaml"], "loadtest": ["run", "--server", "127.0.0.1:1"],
             "bench": ["lora_overhead"]}.get(name, [])
+
+
+def test_serve_adapter_dtype_flag_reaches_the_engine_config():
+    import argparse
+
+    from engine import serve_command
+    from engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    opts = serve_command.options_from_args(parser.parse_args(["--model", "m", "--adapter-dtype", "bfloat16"]))
+    assert EngineConfig(**opts.engine_options).adapter_dtype == "bfloat16"
+    default = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
+    assert EngineConfig(**default.engine_options).adapter_dtype == "auto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 
 from engine import LLMEngine, SamplingParams
@@ -235,3 +236,19 @@ def test_step_failure_is_contained(setup, monkeypatch):
     assert after.finish_reason == "length"
     assert eng.check_invariants()["kv_blocks_used"] == 0
 
+
+
+def test_sixteen_bit_adapter_pool(setup):
+    """adapter_dtype stores the pool in 16 bits (twice the pages for the same bytes); batching stays exact."""
+    from engine.config import MiB, EngineConfig
+
+    eng = LLMEngine(model=setup[0], adapter_dir=setup[1], progress=False, num_kv_blocks=256, block_size=4,
+                    lora_pool_bytes=4 * MiB, adapter_dtype="float16")
+    eng32 = LLMEngine(model=setup[0], adapter_dir=setup[1], progress=False, num_kv_blocks=256, block_size=4,
+                      lora_pool_bytes=4 * MiB)
+    assert eng.runner.pool.data.dtype == torch.float16 and eng32.runner.pool.data.dtype == torch.float32
+    assert abs(eng.runner.pool.num_pages - 2 * eng32.runner.pool.num_pages) <= 1  # floor division
+    prompts = _prompts(len(ADAPTERS), seed=5)
+    assert [o.token_ids for o in eng.generate(prompts, GREEDY, ADAPTERS)] == _alone(eng, prompts, ADAPTERS)
+    with pytest.raises(ValueError, match="adapter_dtype must be one of auto, float32, float16, bfloat16"):
+        EngineConfig(adapter_dtype="float8")

@@ -1,0 +1,112 @@
+"""The paged adapter pool: writes into any pages (scattered, previously used), 16-bit storage, and the decode
+kernel reading it against the torch path."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import aspen
+import aspen.lora_op
+from aspen.batch import SeqChunk
+from aspen.config import LORA_TARGETS
+from aspen.lora_op import LoraBatch
+from aspen.lora_pool import LoraPool, pages_needed
+from aspen.peft_io import random_adapter
+from tests.tiny_models import make_checkpoint
+
+# ranks and targets chosen so that rank rows are not multiples of the kernel's 4-row blocks
+SPECS = [(3, LORA_TARGETS), (8, ["q_proj", "v_proj"]), (6, ["down_proj", "up_proj"]), (16, LORA_TARGETS),
+         (2, ["v_proj"]), (5, ["o_proj", "gate_proj"]), (4, LORA_TARGETS), (7, ["k_proj", "down_proj"])]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return aspen.load_model(make_checkpoint(str(tmp_path_factory.mktemp("llama")), "llama"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def adapters(model):
+    return [random_adapter(model.config, r, t, seed=i) for i, (r, t) in enumerate(SPECS)]
+
+
+def _decode_logits(model, pool, pooled, rows: int = 12) -> torch.Tensor:
+    """A prefill then one decode step of ``rows`` sequences, adapters round-robin (every 4th row base-only)."""
+    slots = [-1 if i % 4 == 3 else i % len(pooled) for i in range(rows)]
+    seqs = [torch.randint(4, 320, (7 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(rows)]
+    kv = model.new_kv_cache(num_blocks=rows * 8, block_size=4)
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(rows)]
+    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)  # noqa: E731
+    model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv, make_lora)
+    return model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
+                      kv, make_lora)
+
+
+def _group_delta(pool, pooled, layer: int, group: str, x: torch.Tensor, width: int) -> torch.Tensor:
+    w = aspen.lora_op.PoolWeights(pool, pooled).group_weights(layer, group)
+    return aspen.lora_op._segment_delta(x, w, 0.0, width, torch.float32)
+
+
+def test_scattered_and_reused_pages_read_back_as_a_fresh_write(model, adapters):
+    cfg = model.config
+    need = [pages_needed(a) for a in adapters]
+    fresh = LoraPool(cfg, sum(need))
+    dirty = LoraPool(cfg, sum(need) + 40)
+    dirty.data.normal_()  # pages left over from other adapters: every unwritten value must not matter
+    dirty.data[:, 0] = 0  # (page 0 is the pool's zero page, never handed out)
+    order = torch.randperm(sum(need) + 40, generator=torch.Generator().manual_seed(0)).tolist()
+    start = 0
+    x = {g: torch.randn(5, cfg.module_shape(m[0])[0]) for g, m in aspen.model.GROUPS.items()}
+    for a, n in zip(adapters, need):
+        ref = fresh.write(a, list(range(start, start + n)))
+        got = dirty.write(a, order[start:start + n])  # scattered, non-contiguous page ids
+        start += n
+        assert set(ref.groups) == set(got.groups)
+        for g, members in aspen.model.GROUPS.items():
+            if g not in ref.groups:
+                continue
+            width = sum(cfg.module_shape(m)[1] for m in members)
+            for layer in range(cfg.num_hidden_layers):
+                torch.testing.assert_close(_group_delta(dirty, got, layer, g, x[g], width),
+                                           _group_delta(fresh, ref, layer, g, x[g], width), rtol=0, atol=0)
+
+
+def test_rank_pattern_rows_are_zeroed_on_used_pages(model):
+    """A module with a smaller rank in some layer leaves rows of its pages unused there: they must read as zero
+    even when the pages held another adapter before."""
+    cfg = model.config
+    full = random_adapter(cfg, 8, ["q_proj"], seed=1)
+    w0 = full.weights[0, "q_proj"]
+    weights = {**full.weights, (0, "q_proj"): type(w0)(w0.A[:3].clone(), w0.B[:, :3].clone(), w0.scale)}
+    small = dataclasses.replace(full, weights=weights)  # rank 3 in layer 0, 8 elsewhere
+    pool = LoraPool(cfg, 8)
+    pool.data.normal_()
+    pool.data[:, 0] = 0
+    pooled = pool.write(small, list(range(8)))
+    rows = pooled.groups["qkv_proj"].row_list
+    assert pool.data[0, list(rows[3:]), :sum(cfg.module_shape("q_proj"))].abs().max() == 0
+    assert pool.data[1, list(rows), :sum(cfg.module_shape("q_proj"))].abs().min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_pool_kernel_matches_torch_path_and_stays_near_float32(model, adapters, monkeypatch, dtype):
+    from aspen.cpu_kernels import kernel
+
+    assert kernel() is not None, "the CPU LoRA kernel failed to build"
+    pool32, pooled32 = model.pool_adapters(adapters)
+    pool16, pooled16 = model.pool_adapters(adapters, dtype)
+    assert pool16.data.dtype == dtype and pool16.nbytes * 2 == pool32.nbytes
+    base = _decode_logits(model, pool32, [None] * len(adapters))
+    exact = _decode_logits(model, pool32, pooled32)
+    kernel16 = _decode_logits(model, pool16, pooled16)
+    monkeypatch.setattr(aspen.lora_op, "bgmv_add", lambda *a: False)
+    torch16 = _decode_logits(model, pool16, pooled16)
+    # the kernel converts the same 16-bit values the torch path converts: float32 rounding apart, equal
+    assert (kernel16 - torch16).abs().max().item() < 1e-4
+    # 16-bit storage rounds each weight (float16: 11 significant bits, bfloat16: 8); the adapters' effect on the
+    # logits (> 0.05) is far larger than that rounding
+    effect = (exact - base).abs().max().item()
+    tol = 2e-3 if dtype == torch.float16 else 2e-2
+    assert effect > 10 * tol
+    assert (kernel16 - exact).abs().max().item() < tol
