@@ -29,94 +29,28 @@ Contracts
 """
 from __future__ import annotations
 
-import enum
 import os
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 from aspen.errors import AdapterError, AdapterNotFoundError
+from engine.adapter_cache_types import (  # noqa: F401 -- re-exported: the cache's interface
+    AcquireResult,
+    AdapterBackend,
+    AdapterBusyError,
+    AdapterCounters,
+    AdapterInfo,
+    CacheStats,
+    CacheStatus,
+    DeviceAdapter,
+    HostAdapter,
+)
 from engine.adapter_paths import check_confined, resolve_adapter_path, validate_adapter_id
 from engine.page_allocator import PageAllocator
-
-
-class AdapterBusyError(AdapterError):
-    """The adapter is pinned by in-flight requests; it cannot be unloaded or re-pointed now."""
-
-
-class HostAdapter(Protocol):
-    nbytes: int  # host memory it occupies
-    num_pages: int  # device pages it needs (proportional to rank x targeted modules)
-
-
-class DeviceAdapter(Protocol):
-    """Opaque handle to an adapter's weights in the device pool (owned by the backend)."""
-
-
-class AdapterBackend(Protocol):
-    def load_host(self, adapter_id: str, path: str) -> HostAdapter: ...
-    def to_device(self, host: HostAdapter, pages: list[int]) -> DeviceAdapter: ...
-    def release_device(self, dev: DeviceAdapter) -> None: ...
-
-
-class CacheStatus(enum.Enum):
-    HIT = "hit"  # already device-resident
-    LOADED = "loaded"  # brought to the device on this call
-    CACHE_FULL = "cache_full"  # does not fit now because of pinned adapters
-
-
-@dataclass(frozen=True)
-class AcquireResult:
-    adapter_id: str
-    status: CacheStatus
-    handle: Any  # DeviceAdapter when resident, else None
-    generation: int
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not CacheStatus.CACHE_FULL
-
-
-@dataclass(frozen=True)
-class AdapterCounters:
-    hits: int = 0
-    loads: int = 0
-    device_loads: int = 0
-    evictions_host: int = 0
-    evictions_device: int = 0
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int  # acquires that found the adapter device-resident
-    misses: int  # acquires that had to bring it to the device
-    cache_full: int  # acquires answered CACHE_FULL
-    load_failures: int  # backend load_host/to_device calls that raised, or bad sizes
-    loads: int  # disk -> host
-    device_loads: int  # host -> device
-    evictions_host: int
-    evictions_device: int
-    load_seconds: float
-    bytes_host: int
-    pages_device: int
-    host_budget_bytes: int
-    num_device_pages: int
-    per_adapter: Mapping[str, AdapterCounters]
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    adapter_id: str
-    path: str
-    tier: str
-    pins: int
-    num_pages: int | None  # None until first loaded
-    nbytes: int | None
-    generation: int
 
 
 @dataclass
@@ -230,10 +164,17 @@ class AdapterCache:
                 raise ValueError(f"adapter {adapter_id!r} is not pinned; release() without a matching acquire()")
             entry.pins -= 1
 
-    def prefetch(self, adapter_id: str) -> CacheStatus:
-        """Bring to host, and to device if unpinned pages allow; never pins, never raises CACHE_FULL."""
+    def prefetch(self, adapter_id: str, *, request: bool = False) -> CacheStatus:
+        """Bring to host, and to device if unpinned pages allow; never pins, never raises CACHE_FULL.
+
+        ``request=True``: a request for this adapter has arrived; it counts as a request hit when the adapter is
+        already device-resident, else as a request miss (the per-request hit rate users ask about: acquires
+        come later and nearly always hit what this call loaded)."""
         with self._lock:
-            return self._make_resident(self._lookup(adapter_id), keep_host_when_full=True)
+            entry = self._lookup(adapter_id)
+            if request:
+                self._counts["request_hits" if entry.device is not None else "request_misses"] += 1
+            return self._make_resident(entry, keep_host_when_full=True)
 
     def can_acquire(self, adapter_id: str) -> bool:
         """Cheap scheduler hint; True when unknown (acquire decides, and raises if it never fits)."""
@@ -299,7 +240,8 @@ class AdapterCache:
             per = {aid: AdapterCounters(**{n: c[n] for n in names}) for aid, c in self._per.items()}
             c = self._counts
             return CacheStats(
-                hits=c["hits"], misses=c["misses"], cache_full=c["cache_full"],
+                hits=c["hits"], misses=c["misses"], request_hits=c["request_hits"],
+                request_misses=c["request_misses"], cache_full=c["cache_full"],
                 load_failures=c["load_failures"], loads=c["loads"], device_loads=c["device_loads"],
                 evictions_host=c["evictions_host"], evictions_device=c["evictions_device"],
                 load_seconds=self._load_seconds, bytes_host=self._bytes_host,

@@ -173,7 +173,8 @@ class LLMEngine:
         validate_adapter_id(adapter_id)
         if self.adapters is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
-        self.adapters.prefetch(adapter_id)  # registers just in time, reads and validates it (raises if bad)
+        # registers just in time, reads and validates it (raises if bad); counts the request's hit or miss
+        self.adapters.prefetch(adapter_id, request=True)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

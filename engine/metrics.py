@@ -25,6 +25,8 @@ aspen:adapter_cache_loads_total           counter    per adapter: disk -> host r
 aspen:adapter_cache_device_loads_total    counter    per adapter: host -> device copies
 aspen:adapter_cache_evictions_total       counter    per adapter and tier (host/device)
 aspen:adapter_cache_misses_total          counter    acquires that had to load
+aspen:adapter_cache_request_hits_total    counter    requests whose adapter was on the device on arrival
+aspen:adapter_cache_request_misses_total  counter    requests whose adapter had to be loaded on arrival
 aspen:adapter_cache_load_failures_total   counter    adapter reads that failed
 aspen:adapter_load_seconds_total          counter    time spent reading / copying adapters
 ========================================  =========  ====================================================
@@ -109,6 +111,10 @@ class EngineCollector:
         yield from families.values()
         yield evictions
         for name, doc, value in (("adapter_cache_misses", "Acquires that had to load the adapter.", stats.misses),
+                                 ("adapter_cache_request_hits", "Requests whose adapter was on the device when "
+                                  "they arrived.", stats.request_hits),
+                                 ("adapter_cache_request_misses", "Requests whose adapter had to be loaded when "
+                                  "they arrived.", stats.request_misses),
                                  ("adapter_cache_load_failures", "Adapter loads that failed.",
                                   stats.load_failures),
                                  ("adapter_load_seconds", "Seconds spent loading adapters.", stats.load_seconds)):

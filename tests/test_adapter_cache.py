@@ -463,3 +463,14 @@ def test_concurrent_acquire_release(tmp_path: Path) -> None:
     assert loaded == cache.stats().misses > 0 and cache.pinned_count() == 0
     cache.check_invariants()
     assert len(be.live) == cache.stats().pages_device
+
+
+def test_request_hits_count_residency_on_arrival(tmp_path: Path) -> None:
+    """Requests count a hit only when their adapter was already on the device as they arrived."""
+    cache, _ = make_cache(tmp_path, {"a": (10, 2), "b": (10, 2)}, pages=2)
+    assert cache.prefetch("a", request=True) is LOADED  # miss: read from disk
+    assert cache.prefetch("a", request=True) is HIT  # hit
+    cache.prefetch("b")  # not a request (e.g. LoadAdapter): not counted; evicts a from the device
+    assert cache.prefetch("a", request=True) is LOADED  # miss again: a was only on the host
+    s = cache.stats()
+    assert (s.request_hits, s.request_misses) == (1, 2) and (s.hits, s.misses) == (0, 0)

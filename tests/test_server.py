@@ -317,6 +317,7 @@ def test_metrics_endpoint(served, client):
     client.generate("hi", "a1", max_new_tokens=3)
     text = scrape(served.server.metrics_port)
     for name in VLLM_NAMES + ("kv_blocks_used", "adapter_pins_in_use", "adapter_cache_hits_total",
+                              "adapter_cache_request_hits_total", "adapter_cache_request_misses_total",
                               "adapter_cache_loads_total", "adapter_cache_evictions_total",
                               "adapter_load_seconds_total"):
         assert re.search(rf"^aspen:{name}[{{_ ]", text, re.MULTILINE), name
