@@ -76,7 +76,10 @@ class LoraPool:
         self.config = config
         self.num_pages = num_pages
         self.width = max(sum(config.module_shape(m)) for m in LORA_TARGETS)
-        self.data = torch.zeros((config.num_hidden_layers, num_pages + 1, self.width), dtype=dtype, device=device)
+        # zero_() writes every page now: a lazily mapped (calloc'd) pool would page-fault on each first write,
+        # putting that cost on the first load of every page, i.e. on requests
+        self.data = torch.empty((config.num_hidden_layers, num_pages + 1, self.width), dtype=dtype,
+                                device=device).zero_()
 
     @staticmethod
     def bytes_per_page(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -129,8 +132,16 @@ class LoraPool:
         r0 = rows[0]
         contiguous = rows == list(range(r0, r0 + len(rows)))
         index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self.data.device)
-        for layer in range(self.config.num_hidden_layers):
-            w = adapter.weights.get((layer, module))
+        per_layer = [adapter.weights.get((layer, module)) for layer in range(self.config.num_hidden_layers)]
+        if contiguous and all(w is not None and w.A.shape[0] == len(rows) for w in per_layer):
+            # the common case, every layer at full rank: a few whole-module copies instead of three per layer
+            dst = self.data[:, r0:r0 + len(rows), :in_f + out_f]
+            for layer, w in enumerate(per_layer):
+                dst[layer, :, :in_f].copy_(w.A)
+            scales = torch.tensor([w.scale for w in per_layer], dtype=torch.float32).view(-1, 1, 1)
+            dst[:, :, in_f:].copy_(torch.stack([w.B for w in per_layer]).mul_(scales).transpose(1, 2))
+            return
+        for layer, w in enumerate(per_layer):
             r = 0 if w is None else w.A.shape[0]
             if contiguous:
                 dst = self.data[layer, r0:r0 + len(rows), :in_f + out_f]
