@@ -319,6 +319,13 @@ def test_non_float_and_non_finite(ad: str, cfg: ModelConfig) -> None:
     expect_error(ad, cfg, "dtype", "int32", "layers.0.self_attn.k_proj")
     edit_tensors(ad, lambda sd: {**sd, k: torch.full((4, 64), float("nan"))})
     expect_error(ad, cfg, "NaN")
+    one_inf = torch.zeros(4, 64)
+    one_inf[2, 7] = float("-inf")
+    edit_tensors(ad, lambda sd: {**sd, k: one_inf})
+    expect_error(ad, cfg, "NaN or Inf", "layers.0.self_attn.k_proj")
+    # huge but finite values overflow a float32 sum (the fast check) and must still be accepted
+    edit_tensors(ad, lambda sd: {**sd, k: torch.full((4, 64), 3e38)})
+    assert load_peft_adapter(ad, cfg).weights[0, "k_proj"].A.max().item() == pytest.approx(3e38)
 
 
 def test_half_precision_is_converted(ad: str, cfg: ModelConfig, saved: tuple[str, Any]) -> None:
