@@ -51,3 +51,21 @@ def test_cuda_quantized_runs(tmp_path, mode):
     path = make_checkpoint(str(tmp_path / "q"), "qwen2")
     logits = aspen.load_model(path, quantize=mode, device="cuda", progress=False).score(_ids(20))
     assert torch.isfinite(logits).all()
+
+
+def test_cuda_head_cross_entropy_matches_torch():
+    import torch.nn.functional as F
+
+    from aspen.train.loss import token_nll
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", generator=g)
+    weight = torch.randn(1000, 64, device="cuda", generator=g)
+    targets = torch.randint(0, 1000, (300,), device="cuda", generator=g)
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    ours = token_nll(h1, weight, targets)
+    ours.sum().backward()
+    ref = F.cross_entropy(h2 @ weight.t(), targets, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-3, atol=1e-3)  # TF32 matmuls on either side
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-3, atol=1e-3)
