@@ -17,18 +17,21 @@ Where the weights come from is the only difference between serving and training:
   differentiable torch ops, so autograd reaches A and B (the base weights are frozen), and LoRA dropout, applied
   to the segment's input here, uses one mask in forward and backward.
 
-A decode-heavy step with many distinct pooled adapters takes the batched path (:func:`_apply_gathered`): one
-gather of every row's pages and batched matmuls instead of a Python loop over segments (BGMV-like).
+A decode-heavy step with many distinct pooled adapters takes the batched path (:class:`_GatherPlan`): each row
+reads its own adapter's pages in place, one call per projection group (BGMV) — the compiled CPU kernel
+(``aspen.cpu_kernels``), the Triton kernel on CUDA (``aspen.triton_kernels``), else gathers and batched matmuls.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aspen import triton_kernels
 from aspen.batch import FlatBatch
 from aspen.cpu_kernels import bgmv_add
 from aspen.lora_pool import LoraPool, PooledAdapter
@@ -51,7 +54,9 @@ class PoolWeights:
         g = self.adapter.groups.get(group)
         if g is None:
             return None
-        rows = self.pool.data[layer].index_select(0, g.rows)  # [R, width]
+        span = g.row_span
+        # [R, width]: a view of the pool when the adapter's pages are contiguous (the usual case), else a copy
+        rows = self.pool.data[layer, span[0]:span[1]] if span else self.pool.data[layer].index_select(0, g.rows)
         a = rows[:, :g.in_features]
         parts = [(p.row_start, p.row_end, p.out_start, p.out_end,
                   rows[p.row_start:p.row_end, g.in_features:g.in_features + p.out_end - p.out_start])
@@ -70,13 +75,13 @@ class LoraBatch:
     """Implements the model's ``LoraHook`` for one step."""
 
     def __init__(self, segments: Sequence[Segment], pool: LoraPool | None = None,
-                 gathered: "_GatherPlan | None" = None) -> None:
+                 gathered: _GatherPlan | None = None) -> None:
         self.segments = list(segments)
         self.pool = pool
         self.gathered = gathered
 
     @classmethod
-    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool) -> "LoraBatch":
+    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool) -> LoraBatch:
         """Segments of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``.
 
         Decode rows (one token) take the batched path once there are GATHER_MIN_SEGMENTS of them, whatever
@@ -213,9 +218,22 @@ class _GatherGroup:
 class _GatherPlan:
     tokens: torch.Tensor  # [N] flat token index of each single-token row
     groups: dict[str, _GatherGroup]
+    triton_plans: dict = field(default_factory=dict)  # group -> the CUDA kernel's block plan (built on first use)
+
+    def _triton_plan(self, group: str, g: _GatherGroup, width: int, device: torch.device):
+        if group not in self.triton_plans:
+            blocks = triton_kernels.output_blocks(g.parts, width)
+            plan = None
+            if blocks is not None:
+                block_o, owner = blocks
+                block_r = max(16, 1 << (max(r1 - r0 for r0, r1, _, _ in g.parts) - 1).bit_length())
+                plan = (block_o, torch.tensor(owner, dtype=torch.int32, device=device),
+                        torch.tensor(g.parts, dtype=torch.int32, device=device), block_r, g.in_features)
+            self.triton_plans[group] = plan
+        return self.triton_plans[group]
 
     @classmethod
-    def build(cls, rows: list[tuple[int, PooledAdapter]], device: torch.device) -> "_GatherPlan":
+    def build(cls, rows: list[tuple[int, PooledAdapter]], device: torch.device) -> _GatherPlan:
         groups: dict[str, _GatherGroup] = {}
         names = {g for _, ad in rows for g in ad.groups}
         for g in names:
@@ -251,6 +269,9 @@ class _GatherPlan:
         if g is None:
             return y
         if bgmv_add(y, x, pool.data[layer], self.tokens, g.rows, g.parts_tensor, g.in_features):
+            return y
+        if y.is_cuda and triton_kernels.bgmv_add(y, x, pool.data[layer], self.tokens, g.rows,
+                                                 self._triton_plan(group, g, y.shape[1], y.device)):
             return y
         data = pool.data[layer]  # math in the activations' dtype, whatever the pool stores
         xs = x.index_select(0, self.tokens)  # [N, in]

@@ -22,6 +22,7 @@ only writes and reads rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -45,6 +46,14 @@ class PooledGroup:
     row_list: tuple[int, ...]  # the same rows as Python ints, for per-step planning without device syncs
     in_features: int
     parts: tuple[GroupPart, ...]
+
+    @cached_property
+    def row_span(self) -> tuple[int, int] | None:
+        """(first, end) when the rows are one contiguous run (then a slice of the pool reads them, no copy)."""
+        first = self.row_list[0]
+        if self.row_list == tuple(range(first, first + len(self.row_list))):
+            return first, first + len(self.row_list)
+        return None
 
 
 @dataclass(frozen=True)

@@ -110,3 +110,12 @@ def test_sixteen_bit_pool_kernel_matches_torch_path_and_stays_near_float32(model
     tol = 2e-3 if dtype == torch.float16 else 2e-2
     assert effect > 10 * tol
     assert (kernel16 - exact).abs().max().item() < tol
+
+
+def test_triton_output_blocks_tile_every_part():
+    from aspen.triton_kernels import output_blocks
+
+    # qkv of a GQA model: q 0..256, (k untargeted) 256..320, v 320..384 -> blocks of 64
+    block, owner = output_blocks(((0, 8, 0, 256), (8, 12, 320, 384)), 384)
+    assert block == 64 and owner == [0, 0, 0, 0, -1, 1]
+    assert output_blocks(((0, 4, 0, 100),), 100) is None  # no power-of-two block >= 16 tiles 100 columns
