@@ -23,6 +23,7 @@ reads its own adapter's pages in place, one call per projection group (BGMV) —
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -214,6 +215,19 @@ class _GatherGroup:
     parts_tensor: torch.Tensor  # the same, [K, 4] long on the CPU, for the kernel
 
 
+@functools.lru_cache(maxsize=256)
+def _triton_plan(parts: tuple[tuple[int, int, int, int], ...], width: int, in_features: int, device: str):
+    """The Triton kernel's block plan for a group layout; a layout recurs step after step, so its small device
+    tensors are made once."""
+    blocks = triton_kernels.output_blocks(parts, width)
+    if blocks is None:
+        return None
+    block_o, owner = blocks
+    block_r = max(16, 1 << (max(r1 - r0 for r0, r1, _, _ in parts) - 1).bit_length())
+    return (block_o, torch.tensor(owner, dtype=torch.int32, device=device),
+            torch.tensor(parts, dtype=torch.int32, device=device), block_r, in_features)
+
+
 @dataclass(frozen=True)
 class _GatherPlan:
     tokens: torch.Tensor  # [N] flat token index of each single-token row
@@ -222,14 +236,7 @@ class _GatherPlan:
 
     def _triton_plan(self, group: str, g: _GatherGroup, width: int, device: torch.device):
         if group not in self.triton_plans:
-            blocks = triton_kernels.output_blocks(g.parts, width)
-            plan = None
-            if blocks is not None:
-                block_o, owner = blocks
-                block_r = max(16, 1 << (max(r1 - r0 for r0, r1, _, _ in g.parts) - 1).bit_length())
-                plan = (block_o, torch.tensor(owner, dtype=torch.int32, device=device),
-                        torch.tensor(g.parts, dtype=torch.int32, device=device), block_r, g.in_features)
-            self.triton_plans[group] = plan
+            self.triton_plans[group] = _triton_plan(g.parts, width, g.in_features, str(device))
         return self.triton_plans[group]
 
     @classmethod
