@@ -10,12 +10,17 @@ all-module adapter of the 125M model <= 10 ms; plus the device-cache hit rate.
 2. Adapter load time, in process: ``LLMEngine.load_adapter`` (read + validate the safetensors file, copy into
    the LoRA pool) timed for ``--load-samples`` adapters never read before by that engine, once with the files
    in the OS page cache ("warm") and once after ``posix_fadvise(DONTNEED)`` dropped them from it ("cold").
-3. Three load-test runs, each against a fresh ``aspen serve`` subprocess (port 0, ``--lora-pool-mb`` sized for
+3. Three load tests, each against its own ``aspen serve`` subprocess (port 0, ``--lora-pool-mb`` sized for
    ``--cache-adapters`` (64) such adapters: 64 x 112 pages of 132 KiB = 924 MiB; host tier at its 2 GiB
    default; ``--max-num-seqs`` 32): the same open-loop Poisson arrivals at ``--rate`` req/s, prompts and
    lengths (fixed seed; 32 prompt tokens, 16 new tokens, greedy, EOS ignored, streamed), with every request on
    adapter-0000 ("single"), then spread over all adapters with S-LoRA's power law, alpha 1.0 (uniform) and 0.3
-   (skewed). Two base-model requests warm each server up first (not measured). Cache counters come from the
+   (skewed). Two base-model requests warm each server up first (not measured). The three servers are all up
+   before any is measured, and the runs are interleaved: each workload is cut into ``--slices`` (10) slices of
+   consecutive requests (arrivals rebased to the slice's start) and slice i of every configuration runs before
+   slice i + 1 of any, the order rotating each round, so that noise from the shared machine falls on all three
+   alike (run one after another, p99 ratios of the same code ranged 1.0x to 4.0x here). Idle servers use no CPU
+   while another is measured; each keeps its own adapter cache across its slices. Cache counters come from the
    server's ``/metrics`` (``aspen:adapter_cache_hits_total`` / ``..._misses_total`` / ``..._load_seconds_total``
    / ``..._device_loads_total``, ``..._request_hits_total`` / ``..._request_misses_total``). The hit rate
    reported is per request: the requests whose adapter was on the device when they arrived (the acquire
@@ -28,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import math
 import os
 import re
@@ -46,6 +53,26 @@ def metric_sum(text: str, name: str) -> float:
     """Sum of every sample of ``aspen:<name>`` (all label sets) in a Prometheus text exposition."""
     pat = re.compile(rf"^aspen:{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.MULTILINE)
     return sum(float(v) for v in pat.findall(text))
+
+
+def slice_bounds(n: int, slices: int) -> list[tuple[int, int]]:
+    """``slices`` consecutive index ranges covering ``range(n)`` (sizes differ by at most one)."""
+    slices = max(1, min(slices, n))
+    cuts = [round(i * n / slices) for i in range(slices + 1)]
+    return list(itertools.pairwise(cuts))
+
+
+def rebase(specs: list) -> list:
+    """The same requests with arrival times shifted so that the first one arrives at 0."""
+    t0 = specs[0].arrival if specs else 0.0
+    return [dataclasses.replace(s, arrival=s.arrival - t0) for s in specs]
+
+
+def merge(into, part) -> None:
+    """Append a slice's RunResult to the configuration's RunResult (wall time adds up)."""
+    into.results.extend(part.results)
+    into.not_sent += part.not_sent
+    into.wall_s += part.wall_s
 
 
 def cache_metrics(metrics_port: int) -> dict:
@@ -144,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     from aspen.config import ModelConfig
     from aspen.lora_pool import LoraPool
     from benchmarks.engine_lora import bench_adapters, pages_per_adapter
-    from clients.loadtest import DriverConfig, LengthSpec, WorkloadConfig, build_workload, drive
+    from clients.loadtest import DriverConfig, LengthSpec, RunResult, WorkloadConfig, build_workload, drive
     from clients.loadtest_report import summarize, write_outputs
     from clients.synthetic_adapters import adapter_name
 
@@ -162,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--load-samples", type=int, default=None, help="adapters timed per load measurement "
                     "(default 20; tiny 4)")
+    ap.add_argument("--slices", type=int, default=None, help="interleave the runs in this many slices of "
+                    "consecutive requests (default 10; tiny 2; 1 = one run after another)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--plots-dir", default=None, help="where the load tester writes its report and CDF plot "
@@ -174,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_req = args.requests or (16 if tiny else 200)
     rate = args.rate or (20.0 if tiny else 2.0)
     samples = args.load_samples or (4 if tiny else 20)
+    args.slices = args.slices or (2 if tiny else 10)
     in_len, out_len = args.input_len or (8 if tiny else 32), args.output_len or (4 if tiny else 16)
     model = bench_model(shape)
     cfg = ModelConfig.from_dir(model)
@@ -188,14 +218,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. load-test runs through the server
     driver = DriverConfig(mode="open", progress=not tiny, timeout_s=600)
-    runs, summaries, metrics = [], {}, {}
+    summaries, metrics = {}, {}
     configs = [("single", None)] + [(f"alpha={a}", float(a)) for a in args.alphas.split(",") if a]
     capacity = None
-    for label, alpha in configs:
-        server = Server(model, root, args.device, pool_mb, args.max_num_seqs)
-        try:
-            from clients.client import AspenClient
+    servers: dict[str, Server] = {}
+    workloads: dict[str, list] = {}
+    try:
+        from clients.client import AspenClient
 
+        for label, alpha in configs:  # every server up (idle) before any is measured
+            servers[label] = server = Server(model, root, args.device, pool_mb, args.max_num_seqs)
             with AspenClient(server.address, timeout=60) as c:
                 capacity = c.model_info().adapter_cache_device_pages
                 for _ in range(2):
@@ -204,14 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
                                 adapter_ids=(adapter_name(0),) if alpha is None else None,
                                 popularity="power", alpha=alpha or 1.0, input_len=LengthSpec(in_len, in_len),
                                 output_len=LengthSpec(out_len, out_len))
-            specs = build_workload(wl, cfg.vocab_size, cfg.max_position_embeddings)
-            run = asyncio.run(drive(specs, DriverConfig(**{**driver.__dict__, "address": server.address}), label,
-                                    rate))
-            metrics[label] = cache_metrics(server.metrics_port)
-        finally:
+            workloads[label] = build_workload(wl, cfg.vocab_size, cfg.max_position_embeddings)
+        runs = {label: RunResult(label, rate) for label, _ in configs}
+        labels = [label for label, _ in configs]
+        for i, (lo, hi) in enumerate(slice_bounds(n_req, args.slices)):
+            for label in labels[i % len(labels):] + labels[:i % len(labels)]:  # rotate who goes first
+                part = rebase(workloads[label][lo:hi])
+                cfg_i = DriverConfig(**{**driver.__dict__, "address": servers[label].address})
+                merge(runs[label], asyncio.run(drive(part, cfg_i, f"{label} {i + 1}/{args.slices}", rate)))
+        for label in labels:
+            metrics[label] = cache_metrics(servers[label].metrics_port)
+            summaries[label] = summarize(runs[label])
+    finally:
+        for server in servers.values():
             server.stop()
-        runs.append(run)
-        summaries[label] = summarize(run)
+    runs = list(runs.values())
     plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out
                                                else tempfile.mkdtemp(prefix="adapter-churn-"), "adapter_churn")
     files = write_outputs(runs, {"benchmark": "adapter_churn"}, plots_dir)["files"]
@@ -230,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "adapter_mb_on_disk": round(_dir_bytes(os.path.join(root, adapter_name(0))) / 1e6, 2),
         "device_cache_adapters_requested": cache, "lora_pool_mb": pool_mb, "device_pool_pages": capacity,
         "device_cache_adapters": None if capacity is None else capacity // ppa,
-        "requests_per_run": n_req, "offered_rate": rate, "input_len": in_len, "output_len": out_len,
+        "requests_per_run": n_req, "slices": args.slices, "offered_rate": rate, "input_len": in_len, "output_len": out_len,
         "max_num_seqs": args.max_num_seqs,
         "load_ms_warm_page_cache": ms_stats(warm), "load_ms_cold": ms_stats(cold),
         "load_target_ms": 10.0, "meets_load_target": cold_median <= 10.0,

@@ -77,7 +77,7 @@ def test_adapter_churn(home, tmp_path):
     for run in r["runs"].values():
         assert run["ok"] == 8 and run["errors"] == {} and run["ttft_p99_ms"] > 0
         assert 0 <= run["cache"]["request_hit_rate"] <= 1 and run["cache"]["device_loads"] >= 1
-    assert r["runs"]["single"]["distinct_adapters"] == 1
+    assert r["runs"]["single"]["distinct_adapters"] == 1 and r["slices"] == 2  # 2 interleaved slices of 4
     assert r["load_ms_cold"]["n"] == r["load_ms_warm_page_cache"]["n"] == 3
     assert set(r["per_alpha"]) == {"alpha=0.3"} and r["per_alpha"]["alpha=0.3"]["p99_ttft_vs_single"] > 0
     for f in r["loadtest_files"].values():
@@ -113,3 +113,12 @@ def test_train_fused(home, tmp_path):
     assert r["fused"]["tokens"] == r["peft_sequential"]["tokens"] > 0  # the same sequences on both sides
     assert len(r["peft_sequential"]["runs"]) == 2 and r["setup"]["rounds"] == 1
     assert r["tokens_per_s_ratio"] > 0 and r["peak_memory_ratio"] > 0
+
+
+def test_churn_slices_cover_the_workload_and_rebase_arrivals():
+    from benchmarks.adapter_churn import rebase, slice_bounds
+    from clients.loadtest import RequestSpec
+
+    assert slice_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)] and slice_bounds(2, 5) == [(0, 1), (1, 2)]
+    specs = [RequestSpec(i, 1.5 + i, None, [4], 1, 2) for i in range(3)]
+    assert [s.arrival for s in rebase(specs[1:])] == [0.0, 1.0] and rebase([]) == []
