@@ -13,12 +13,12 @@ from aspen.errors import AdapterError, AspenError, CheckpointError
 if TYPE_CHECKING:
     from aspen.llm import LanguageModel
 
-__all__ = ["load_model", "LanguageModel", "AspenError", "CheckpointError", "AdapterError"]
+__all__ = ["AdapterError", "AspenError", "CheckpointError", "LanguageModel", "load_model"]
 __version__ = "0.1.0"
 
 
 def load_model(path: str, dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
-               progress: bool = True) -> "LanguageModel":
+               progress: bool = True) -> LanguageModel:
     """Load a local Hugging Face checkpoint; see :func:`aspen.llm.load_model`."""
     from aspen.llm import load_model as _load
 

@@ -20,8 +20,8 @@ Attention needs, for each query, the slots of every key it may see. Decode rows 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ class FlatBatch:
 
     @classmethod
     def build(cls, chunks: Sequence[SeqChunk], block_size: int, device: torch.device | str = "cpu",
-              sliding_window: int | None = None) -> "FlatBatch":
+              sliding_window: int | None = None) -> FlatBatch:
         """Cost in Python is O(new tokens + blocks): context slots are expanded from block tables by tensor ops,
         so long contexts do not make the per-step setup slower."""
         if not chunks:

@@ -100,7 +100,7 @@ class ModelConfig:
         return shapes[module]
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], name_or_path: str = "") -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any], name_or_path: str = "") -> ModelConfig:
         archs = cfg.get("architectures") or []
         known = [a for a in archs if a in ARCHITECTURES]
         if not known:
@@ -154,7 +154,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str) -> "ModelConfig":
+    def from_dir(cls, path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise CheckpointError(f"model path {path!r} is not a directory")

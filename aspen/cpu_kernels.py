@@ -256,7 +256,7 @@ def kernel():
                                       functions=["bgmv_add", "paged_decode_attention"],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler / headers: the torch path still works
+            except Exception as e:  # noqa: BLE001 -- no compiler / headers: the torch path still works
                 log.warning("CPU kernels unavailable (%s); using the torch paths", e)
                 _failed = True
     return _module

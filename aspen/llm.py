@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ def load_tokenizer(path: str):
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # transformers raises many types here; name the directory
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types here; name the directory
         raise CheckpointError(f"checkpoint {path!r}: tokenizer could not be loaded ({e})") from None
 
 

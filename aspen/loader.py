@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -53,7 +53,7 @@ def iter_checkpoint(path: str, progress: bool = True) -> Iterator[tuple[str, tor
     for shard in tqdm(shards, desc="loading shards", unit="shard", disable=not progress or len(shards) < 2):
         try:
             with safe_open(shard, framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 -- safe_open has no __iter__
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{shard}: unreadable safetensors file ({e}); is it truncated?") from None

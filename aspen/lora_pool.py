@@ -143,7 +143,8 @@ class LoraPool:
         index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self.data.device)
         per_layer = [adapter.weights.get((layer, module)) for layer in range(self.config.num_hidden_layers)]
         if contiguous and all(w is not None and w.A.shape[0] == len(rows) for w in per_layer):
-            # the common case, every layer at full rank: a few whole-module copies instead of three per layer
+            # the common case, every layer at full rank: A row blocks copied layer by layer, all layers' B scaled
+            # and transposed into page rows in one copy
             dst = self.data[:, r0:r0 + len(rows), :in_f + out_f]
             for layer, w in enumerate(per_layer):
                 dst[layer, :, :in_f].copy_(w.A)

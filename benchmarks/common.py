@@ -6,16 +6,16 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 # The 12-layer, hidden-768 Llama-shaped model (about 125M parameters) the issues measure on.
 SHAPES = {
-    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=512),
+    "125m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 2048},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512},
 }
 
 

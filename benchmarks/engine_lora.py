@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--adapters", type=int, default=None, help="distinct adapters = requests (default 32; tiny 4)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=None, help="new tokens per request (default 32; tiny 8)")
+    ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="storage dtype of the LoRA engine's adapter pool (auto: the model's)")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else "125m"
     n = args.adapters or (4 if args.tiny else 32)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [adapter_name(i) for i in range(n)]
     base = make_engine(path, args.device, reqs)
     lora = make_engine(path, args.device, reqs, adapter_dir=root,
-                       lora_pool_pages=n * pages_per_adapter(args.rank))
+                       lora_pool_pages=n * pages_per_adapter(args.rank), adapter_dtype=args.adapter_dtype)
     warm = [BenchRequest(r.prompt[:8], 2, r.adapter) for r in reqs]
     engine_generate(lora, warm, ids)  # every adapter resident before timing
     stats = lora.adapters.stats()
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "engine_lora", "shape": shape, "device": device_name(args.device), "requests": n,
         "distinct_adapters": n, "rank": args.rank, "targets": list(ALL), "output_len": out_len,
+        "adapter_dtype": args.adapter_dtype,
         "tokens_per_run": tokens, "repeats": args.repeats,
         "base_seconds": [round(t, 3) for t in t_base], "lora_seconds": [round(t, 3) for t in t_lora],
         "base_tok_s": round(tokens / best(t_base), 2), "lora_tok_s": round(tokens / best(t_lora), 2),

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     slots = [i % args.adapters for i in range(args.rows)]
     base_chunks = [SeqChunk(r[-1:], args.context, t) for r, t in zip(rows, tables)]
     lora_chunks = [SeqChunk(r[-1:], args.context, t, adapter_slot=s) for r, t, s in zip(rows, tables, slots)]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)  # noqa: E731
+    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
 
     def sync():
         if args.device.startswith("cuda"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LLMEngine", "SamplingParams", "EngineConfig", "RequestOutput", "AsyncLLMEngine"]
+__all__ = ["AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
 
 _LAZY = {
     "LLMEngine": "engine.llm_engine",

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -35,7 +35,7 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "AsyncLLMEngine":
+    def start(self) -> AsyncLLMEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="aspen-engine", daemon=True)
             self._thread.start()

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import aspen
 from aspen.errors import AdapterNotFoundError, AdapterPathError
@@ -223,7 +223,7 @@ class LLMEngine:
             if kind == "add":
                 try:
                     self.scheduler.add(arg)
-                except Exception as e:  # validated in add_request; a late refusal fails only this request
+                except Exception as e:  # noqa: BLE001 -- validated in add_request; a late refusal fails only it
                     arg.finish_reason = FinishReason.ERROR
                     outputs.append(self._pop(arg.request_id).output(error=e))
             elif kind == "abort":

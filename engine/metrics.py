@@ -111,10 +111,10 @@ class EngineCollector:
         yield from families.values()
         yield evictions
         for name, doc, value in (("adapter_cache_misses", "Acquires that had to load the adapter.", stats.misses),
-                                 ("adapter_cache_request_hits", "Requests whose adapter was on the device when "
-                                  "they arrived.", stats.request_hits),
-                                 ("adapter_cache_request_misses", "Requests whose adapter had to be loaded when "
-                                  "they arrived.", stats.request_misses),
+                                 ("adapter_cache_request_hits", ("Requests whose adapter was on the device when "
+                                  "they arrived."), stats.request_hits),
+                                 ("adapter_cache_request_misses", ("Requests whose adapter had to be loaded when "
+                                  "they arrived."), stats.request_misses),
                                  ("adapter_cache_load_failures", "Adapter loads that failed.",
                                   stats.load_failures),
                                  ("adapter_load_seconds", "Seconds spent loading adapters.", stats.load_seconds)):

@@ -6,7 +6,7 @@ once and samples one token for every chunk that reached the end of its known tok
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from aspen.kv_cache import KVCache
 from aspen.llm import LanguageModel
 from aspen.lora_op import LoraBatch
 from aspen.lora_pool import LoraPool, PooledAdapter
-from engine.sampler import SampleResult, Sampler, SamplingState
+from engine.sampler import Sampler, SampleResult, SamplingState
 from engine.scheduler import ScheduledChunk
 
 

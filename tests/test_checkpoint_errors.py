@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,9 +55,9 @@ def test_truncated_safetensors(good, tmp_path):
 def test_unsupported_architecture(good, tmp_path):
     path = _copy(good, tmp_path)
     cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
+    cfg = json.loads(Path(cfg_path).read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
-    json.dump(cfg, open(cfg_path, "w"))
+    Path(cfg_path).write_text(json.dumps(cfg))
     msg = _error(path)
     assert "GPT2LMHeadModel" in msg and "LlamaForCausalLM" in msg
 
@@ -64,19 +65,19 @@ def test_unsupported_architecture(good, tmp_path):
 def test_unsupported_rope_scaling(good, tmp_path):
     path = _copy(good, tmp_path)
     cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
+    cfg = json.loads(Path(cfg_path).read_text())
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     cfg.pop("rope_parameters", None)
-    json.dump(cfg, open(cfg_path, "w"))
+    Path(cfg_path).write_text(json.dumps(cfg))
     assert "yarn" in _error(path)
 
 
 def test_wrong_tensor_shape(good, tmp_path):
     path = _copy(good, tmp_path)
     cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
+    cfg = json.loads(Path(cfg_path).read_text())
     cfg["intermediate_size"] = 96
-    json.dump(cfg, open(cfg_path, "w"))
+    Path(cfg_path).write_text(json.dumps(cfg))
     msg = _error(path)
     assert "shape" in msg and "mlp" in msg
 

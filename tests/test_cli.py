@@ -25,9 +25,8 @@ def test_demo_prints_generations(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_model_path_is_one_line_error(tmp_path, capsys):
-    from aspen.errors import CheckpointError
-
     import aspen
+    from aspen.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="is not a directory"):
         aspen.load_model(str(tmp_path / "missing"))

@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-
 from engine import LLMEngine, SamplingParams
 from tests.test_lora_parity import ALL7, ATTN, make_peft_adapter
 from tests.tiny_models import make_checkpoint
@@ -52,10 +51,10 @@ def reference(setup):
 
 
 @pytest.mark.parametrize("options", [
-    dict(),
-    dict(max_num_batched_tokens=8),  # chunked prefill in 8-token chunks
-    dict(num_kv_blocks=40, max_model_len=128),  # tight KV pool: preemption
-    dict(enable_prefix_caching=False, max_num_seqs=3),
+    {},
+    {"max_num_batched_tokens": 8},  # chunked prefill in 8-token chunks
+    {"num_kv_blocks": 40, "max_model_len": 128},  # tight KV pool: preemption
+    {"enable_prefix_caching": False, "max_num_seqs": 3},
 ])
 def test_batched_greedy_equals_alone(setup, reference, options):
     prompts, expected = reference
@@ -240,7 +239,7 @@ def test_step_failure_is_contained(setup, monkeypatch):
 
 def test_sixteen_bit_adapter_pool(setup):
     """adapter_dtype stores the pool in 16 bits (twice the pages for the same bytes); batching stays exact."""
-    from engine.config import MiB, EngineConfig
+    from engine.config import EngineConfig, MiB
 
     eng = LLMEngine(model=setup[0], adapter_dir=setup[1], progress=False, num_kv_blocks=256, block_size=4,
                     lora_pool_bytes=4 * MiB, adapter_dtype="float16")

@@ -96,7 +96,7 @@ def test_cuda_triton_bgmv_matches_torch_path(tmp_path, monkeypatch, dtype):
     def decode():
         kv = model.new_kv_cache(num_blocks=rows * 8, block_size=4)
         tables = [list(range(8 * i, 8 * i + 8)) for i in range(rows)]
-        make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)  # noqa: E731
+        make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
         model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv, make_lora)
         return model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
                           kv, make_lora).cpu()

@@ -33,13 +33,13 @@ def bases(tmp_path_factory):
 
 
 CASES = [
-    dict(r=4, lora_alpha=8, target_modules=ATTN, use_rslora=False),
-    dict(r=8, lora_alpha=16, target_modules=ALL7, use_rslora=True),
-    dict(r=16, lora_alpha=8, target_modules=ALL7, use_rslora=False),
-    dict(r=64, lora_alpha=32, target_modules=ATTN, use_rslora=True),
-    dict(r=8, lora_alpha=16, target_modules=ALL7, rank_pattern={"k_proj": 2, "down_proj": 12},
-         alpha_pattern={"v_proj": 3}),
-    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+    {"r": 4, "lora_alpha": 8, "target_modules": ATTN, "use_rslora": False},
+    {"r": 8, "lora_alpha": 16, "target_modules": ALL7, "use_rslora": True},
+    {"r": 16, "lora_alpha": 8, "target_modules": ALL7, "use_rslora": False},
+    {"r": 64, "lora_alpha": 32, "target_modules": ATTN, "use_rslora": True},
+    {"r": 8, "lora_alpha": 16, "target_modules": ALL7, "rank_pattern": {"k_proj": 2, "down_proj": 12},
+         "alpha_pattern": {"v_proj": 3}},
+    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]},
 ]
 
 
@@ -80,7 +80,7 @@ def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path, monke
         assert kernel() is not None, "the CPU LoRA kernel failed to build"
     path = bases["llama"]
     model = aspen.load_model(path, progress=False)
-    specs = [dict(r=r, lora_alpha=2 * r, target_modules=t) for r, t in
+    specs = [{"r": r, "lora_alpha": 2 * r, "target_modules": t} for r, t in
              [(4, ATTN), (8, ALL7), (16, ALL7), (64, ATTN), (2, ["v_proj"]), (8, ["down_proj", "up_proj"]),
               (16, ["q_proj", "gate_proj"]), (4, ALL7)]]
     adapters = []
@@ -96,7 +96,7 @@ def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path, monke
     assert len([k for k in slots if k >= 0]) - 1 >= GATHER_MIN_SEGMENTS  # the decode step takes the gather path
     kv = model.new_kv_cache(num_blocks=128, block_size=4)
     tables = [list(range(i, 128, len(slots))) for i in range(len(slots))]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)  # noqa: E731
+    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
     prefill = model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv,
                          make_lora)
     decode = model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],

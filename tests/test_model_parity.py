@@ -13,13 +13,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 CASES = {
     "llama-gqa-untied": ("llama", {}),
-    "llama-tied-bias-llama3rope": ("llama", dict(tie_word_embeddings=True, attention_bias=True,
-                                                 rope_scaling=LLAMA3_ROPE)),
-    "llama-mha-linear-rope": ("llama", dict(num_key_value_heads=4, rope_scaling={"rope_type": "linear",
-                                                                                  "factor": 2.0})),
-    "mistral-sliding-window": ("mistral", dict(sliding_window=20)),
+    "llama-tied-bias-llama3rope": ("llama", {"tie_word_embeddings": True, "attention_bias": True,
+                                                 "rope_scaling": LLAMA3_ROPE}),
+    "llama-mha-linear-rope": ("llama", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear",
+                                                                                  "factor": 2.0}}),
+    "mistral-sliding-window": ("mistral", {"sliding_window": 20}),
     "qwen2-qkv-bias": ("qwen2", {}),
-    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3-qk-norm": ("qwen3", {}),
 }
 

@@ -31,10 +31,10 @@ def make_tokenizer(out_dir: str):
 
 
 FAMILIES = {
-    "llama": dict(arch="LlamaConfig", cls="LlamaForCausalLM"),
-    "mistral": dict(arch="MistralConfig", cls="MistralForCausalLM"),
-    "qwen2": dict(arch="Qwen2Config", cls="Qwen2ForCausalLM"),
-    "qwen3": dict(arch="Qwen3Config", cls="Qwen3ForCausalLM"),
+    "llama": {"arch": "LlamaConfig", "cls": "LlamaForCausalLM"},
+    "mistral": {"arch": "MistralConfig", "cls": "MistralForCausalLM"},
+    "qwen2": {"arch": "Qwen2Config", "cls": "Qwen2ForCausalLM"},
+    "qwen3": {"arch": "Qwen3Config", "cls": "Qwen3ForCausalLM"},
 }
 
 
@@ -44,9 +44,9 @@ def make_checkpoint(out_dir: str, family: str = "llama", seed: int = 0, max_shar
     import transformers
 
     spec = FAMILIES[family]
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    kw = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": False}
     if family == "qwen3":
         kw["head_dim"] = 16
     kw.update(overrides)
