@@ -2,7 +2,8 @@
 
 Decode rows (one query each) run together in one batched SDPA call over keys gathered to ``[D, Lmax]`` and a
 padding mask; each prefill chunk runs as its own SDPA call (a causal mask offset by the chunk's start, or plain
-``is_causal`` over the chunk's own keys when it starts the sequence). Grouped-query attention is handled by SDPA's
+``is_causal`` over the chunk's own keys when it starts the sequence). A step made only of chunks that start their
+sequences (training; a batch of new prompts) runs as one right-padded causal SDPA call instead. Grouped-query attention is handled by SDPA's
 ``enable_gqa``. On CPU in fp32 inference, decode rows use the compiled kernel of ``aspen.cpu_kernels``, which
 reads keys and values in place instead of gathering a padded copy.
 """
@@ -18,7 +19,12 @@ from aspen.cpu_kernels import paged_decode_attention
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     batch: FlatBatch, scale: float) -> torch.Tensor:
     """q: [T, H, hd] (rotated); k, v: [T, KVH, hd] this step's keys/values, already written to
-    k_pool/v_pool [slots, KVH, hd]. Returns the attention output [T, H, hd]."""
+    k_pool/v_pool [slots, KVH, hd] (None when every chunk starts its sequence: training needs no cache).
+    Returns the attention output [T, H, hd]."""
+    if batch.padded_prefill is not None:
+        return _padded_prefill(q, k, v, batch.padded_prefill, scale)
+    if k_pool is None and (batch.decode_token_index.numel() or any(p.mask is not None for p in batch.prefills)):
+        raise ValueError("paged_attention without a KV pool: only steps of fresh prefills can run without one")
     if not batch.decode_token_index.numel() and torch.is_grad_enabled():
         # training: only prefill chunks, in token order; concatenating keeps the backward pass from allocating a
         # full-size gradient per sequence (as slice assignment into one output would)
@@ -35,6 +41,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     for p in batch.prefills:
         out[p.token_start:p.token_end] = _prefill(q, k, v, k_pool, v_pool, p, scale)
     return out
+
+
+def _padded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    padded: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """Fresh prefill chunks as one right-padded batch: one causal SDPA call instead of one per sequence."""
+    gather, valid = padded  # [B, L], [T]
+    qb, kb, vb = (t[gather].transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]
+    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, valid)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

@@ -87,6 +87,9 @@ class FlatBatch:
     decode_starts: torch.Tensor  # [D] long: first visible key (> 0 only under a sliding window)
     decode_lens: torch.Tensor  # [D] long: keys of each decode row (its context length)
     adapter_slots: tuple[int, ...] = field(default=())  # per sequence, for the LoRA op's grouping
+    # steps of fresh prefills only (every chunk starts its sequence; training, first prompt chunks): the
+    # (gather [B, Lmax], valid [T]) indices that run them as one right-padded causal batch; None otherwise
+    padded_prefill: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -146,6 +149,8 @@ class FlatBatch:
             PrefillSeq(t0, t1, _context_slots([table], block_size, t1 - t0 + start, device)[0],
                        _prefill_mask(start, t1 - t0, sliding_window, device))
             for t0, t1, table, start in prefill_specs)
+        padded = _padded_prefill(prefill_specs, len(ids), device) \
+            if not dec_tok and all(p.mask is None for p in prefills) else None
         lmax = max(dec_lens, default=0)
         lens_np = np.asarray(dec_lens, dtype=np.int64)
         starts_np = np.zeros_like(lens_np) if sliding_window is None else np.maximum(lens_np - sliding_window, 0)
@@ -160,8 +165,26 @@ class FlatBatch:
             query_start=tuple(qstart), context_lens=tuple(ctx), prefills=prefills,
             decode_token_index=tensor(dec_tok), decode_kv_slots=dec_slots, decode_mask=mask,
             decode_starts=starts, decode_lens=lens,
-            adapter_slots=tuple(c.adapter_slot for c in chunks),
+            adapter_slots=tuple(c.adapter_slot for c in chunks), padded_prefill=padded,
         )
+
+
+def _padded_prefill(specs: Sequence[tuple[int, int, Sequence[int], int]], num_tokens: int,
+                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Indices that lay ``specs`` (fresh prefill chunks covering the step's tokens in order) out as a
+    right-padded [B, Lmax] batch (pads repeat a chunk's last token: under a causal mask no real query sees them)
+    and pick the real rows back out of the flattened batch. None for one chunk or when padding would more than
+    double the work."""
+    lens = [t1 - t0 for t0, t1, _, _ in specs]
+    if len(lens) < 2 or len(lens) * max(lens) > 2 * num_tokens:
+        return None
+    lmax = max(lens)
+    cols = np.arange(lmax, dtype=np.int64)
+    starts = np.asarray([t0 for t0, _, _, _ in specs], dtype=np.int64)[:, None]
+    n = np.asarray(lens, dtype=np.int64)[:, None]
+    gather = starts + np.minimum(cols[None, :], n - 1)
+    valid = (np.arange(len(lens), dtype=np.int64)[:, None] * lmax + cols[None, :])[cols[None, :] < n]
+    return torch.from_numpy(gather).to(device), torch.from_numpy(valid).to(device)
 
 
 def _context_slots(tables: Sequence[Sequence[int]], block_size: int, length: int,

@@ -62,7 +62,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: FlatBatch,
-                kv: KVCache, lora: LoraHook | None) -> torch.Tensor:
+                kv: KVCache | None, lora: LoraHook | None) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         if lora is not None:
             qkv = lora.apply(self.layer, "qkv_proj", x, qkv)
@@ -73,8 +73,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        kv.write(self.layer, batch.slot_mapping, k, v)
-        o = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], batch, self.scale)
+        if kv is not None:
+            kv.write(self.layer, batch.slot_mapping, k, v)
+        o = paged_attention(q, k, v, kv.k[self.layer] if kv is not None else None,
+                            kv.v[self.layer] if kv is not None else None, batch, self.scale)
         o = o.reshape(-1, self.q_size)
         y = self.o_proj(o)
         if lora is not None:
@@ -110,8 +112,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: FlatBatch, kv: KVCache,
-                lora: LoraHook | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: FlatBatch,
+                kv: KVCache | None, lora: LoraHook | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, batch, kv, lora)
         return h + self.mlp(self.post_attention_layernorm(h), lora)
 
@@ -131,11 +133,12 @@ class DecoderModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, batch: FlatBatch, kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
-        """Run one step; returns logits [len(batch.logits_indices), vocab] in float32."""
+    def forward(self, batch: FlatBatch, kv: KVCache | None, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run one step; returns logits [len(batch.logits_indices), vocab] in float32. ``kv`` None: no cache
+        (only for steps whose every chunk starts its sequence, e.g. training)."""
         return self.lm_head(self.final_hidden(batch, kv, lora)).float()
 
-    def final_hidden(self, batch: FlatBatch, kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+    def final_hidden(self, batch: FlatBatch, kv: KVCache | None, lora: LoraHook | None = None) -> torch.Tensor:
         """Run one step up to the head: the normed hidden states [len(batch.logits_indices), hidden]."""
         h = self.model.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, h.dtype)

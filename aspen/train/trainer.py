@@ -278,8 +278,8 @@ class Trainer:
         return todo[:self.config.max_concurrent] if self.config.max_concurrent else todo
 
     def _pack(self, items: list[tuple[Trainee, list[Example]]]):
-        """One flat batch of every sequence (one chunk each, own blocks); the flat positions of the label tokens
-        (item by item) and their targets."""
+        """One flat batch of every sequence (one chunk each, own blocks), the KV cache it needs (usually none),
+        the flat positions of the label tokens (item by item) and their targets."""
         chunks, targets, block = [], [], 0
         for t, examples in items:
             for ex in examples:
@@ -288,7 +288,10 @@ class Trainer:
                 block += nb
                 targets.extend(ex.targets())
         batch = FlatBatch.build(chunks, BLOCK_SIZE, self.lm.device, self.lm.config.sliding_window)
-        kv = self.lm.new_kv_cache(block, BLOCK_SIZE)
+        # sequences attend only to themselves from position 0: no KV cache is needed, unless a sliding window
+        # shorter than a sequence makes attention read keys through the paged path
+        fresh = all(p.mask is None for p in batch.prefills)
+        kv = None if fresh else self.lm.new_kv_cache(block, BLOCK_SIZE)
         labelled = [i for i, t in enumerate(targets) if t != IGNORE]
         device = self.lm.device
         return (batch, kv, torch.tensor(labelled, dtype=torch.long, device=device),
