@@ -113,7 +113,7 @@ class LanguageModel:
         make_lora, adapter_slot = None, -1
         if adapter is not None:
             pool, pooled = self.pool_adapters([adapter])
-            make_lora, adapter_slot = (lambda b: LoraBatch.for_step(b, pooled, pool)), 0
+            make_lora, adapter_slot = (lambda b: LoraBatch.for_step(b, pooled, pool, self.dtype)), 0
 
         ids = [int(t) for t in token_ids]
         n = len(ids)

@@ -34,11 +34,15 @@ import torch.nn.functional as F
 
 from aspen import triton_kernels
 from aspen.batch import FlatBatch
-from aspen.cpu_kernels import bgmv_add
+from aspen.cpu_kernels import bgmv_add, kernel
 from aspen.lora_pool import LoraPool, PooledAdapter
 
 # decode rows (single tokens) with adapters take the batched path once a step has this many of them
 GATHER_MIN_SEGMENTS = 8
+# with the CPU kernel, an adapter's prefill tokens of a step take the batched path up to this many
+SHORT_PREFILL_TOKENS = 64
+# the torch fallback of the batched path gathers [rows, R, in] page rows: this many rows at a time
+FALLBACK_ROWS = 64
 
 
 class WeightSource(Protocol):
@@ -82,29 +86,37 @@ class LoraBatch:
         self.gathered = gathered
 
     @classmethod
-    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool) -> LoraBatch:
-        """Segments of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``.
+    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool,
+                 dtype: torch.dtype = torch.float32) -> LoraBatch:
+        """The LoRA work of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``,
+        ``dtype`` the activations' dtype.
 
-        Decode rows (one token) take the batched path once there are GATHER_MIN_SEGMENTS of them, whatever
-        their adapters; every other token is grouped into one segment per adapter."""
-        decode: list[tuple[int, PooledAdapter]] = []
+        Rows go to the batched path (:class:`_GatherPlan`: one kernel call per projection group) or to
+        per-adapter segments (matmuls): decode rows (one token) once there are GATHER_MIN_SEGMENTS of them; and
+        where the compiled CPU kernel takes this step (float32 activations on the CPU), every decode row and
+        every adapter's prefill tokens when they are at most SHORT_PREFILL_TOKENS in this step (short prompts
+        of many adapters: per-adapter matmuls of a few dozen rows are mostly call overhead). Everything else —
+        long prefills, whose matmuls are efficient — is grouped into one segment per adapter."""
+        device = batch.input_ids.device
         by_slot: dict[int, list[tuple[int, int]]] = {}
         for s, slot in enumerate(batch.adapter_slots):
-            if slot < 0 or adapters[slot] is None:
-                continue
-            a, b = batch.query_start[s], batch.query_start[s + 1]
-            if b - a == 1:
-                decode.append((a, adapters[slot]))
-            by_slot.setdefault(slot, []).append((a, b))
-        gathered = None
-        if len(decode) >= GATHER_MIN_SEGMENTS:
-            gathered = _GatherPlan.build(decode, batch.input_ids.device)
-            for slot in list(by_slot):
-                by_slot[slot] = [(a, b) for a, b in by_slot[slot] if b - a > 1]
-                if not by_slot[slot]:
-                    del by_slot[slot]
-        segments = [Segment(_token_index(spans, batch.input_ids.device), PoolWeights(pool, adapters[slot]))
-                    for slot, spans in by_slot.items()]
+            if slot >= 0 and adapters[slot] is not None:
+                by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
+        cpu_kernel = pool.data.device.type == "cpu" and dtype == torch.float32 and kernel() is not None
+        rows: list[tuple[int, int, PooledAdapter]] = []
+        for slot, spans in list(by_slot.items()):
+            short = cpu_kernel and sum(b - a for a, b in spans) <= SHORT_PREFILL_TOKENS
+            taken = [(a, b) for a, b in spans if b - a == 1 or short]
+            rows += [(a, b, adapters[slot]) for a, b in taken]
+        if not cpu_kernel and len(rows) < GATHER_MIN_SEGMENTS:
+            rows = []
+        gathered = _GatherPlan.build(rows, device) if rows else None
+        in_plan = {(a, b) for a, b, _ in rows}
+        segments = []
+        for slot, spans in by_slot.items():
+            rest = [span for span in spans if span not in in_plan]
+            if rest:
+                segments.append(Segment(_token_index(rest, device), PoolWeights(pool, adapters[slot])))
         return cls(segments, pool, gathered)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -240,36 +252,38 @@ class _GatherPlan:
         return self.triton_plans[group]
 
     @classmethod
-    def build(cls, rows: list[tuple[int, PooledAdapter]], device: torch.device) -> _GatherPlan:
+    def build(cls, spans: list[tuple[int, int, PooledAdapter]], device: torch.device) -> _GatherPlan:
+        """One row per token of ``spans`` ((first token, end, adapter)); built on the host with numpy, one
+        row vector per distinct adapter repeated over its tokens (no per-token Python, no device syncs)."""
+        position = {id(ad): i for i, ad in enumerate({id(ad): ad for _, _, ad in spans}.values())}
+        distinct = list({id(ad): ad for _, _, ad in spans}.values())
+        which = np.asarray([position[id(ad)] for _, _, ad in spans], dtype=np.int64)
+        lengths = np.asarray([b - a for a, b, _ in spans], dtype=np.int64)
         groups: dict[str, _GatherGroup] = {}
-        names = {g for _, ad in rows for g in ad.groups}
-        for g in names:
-            members = [ad.groups.get(g) for _, ad in rows]
+        for g in {name for ad in distinct for name in ad.groups}:
+            members = [ad.groups.get(g) for ad in distinct]
             ref = next(m for m in members if m is not None)
             # per part, pad every adapter's rows to the largest rank present in this step
-            spans: dict[tuple[int, int], int] = {}
+            widths: dict[tuple[int, int], int] = {}
             for m in members:
-                if m is None:
-                    continue
-                for p in m.parts:
-                    spans[(p.out_start, p.out_end)] = max(spans.get((p.out_start, p.out_end), 0),
-                                                          p.row_end - p.row_start)
+                for p in m.parts if m is not None else ():
+                    key = (p.out_start, p.out_end)
+                    widths[key] = max(widths.get(key, 0), p.row_end - p.row_start)
             layout, r0 = [], 0
-            for (o0, o1), width in sorted(spans.items()):
+            for (o0, o1), width in sorted(widths.items()):
                 layout.append((r0, r0 + width, o0, o1))
                 r0 += width
-            table = np.zeros((len(rows), r0), dtype=np.int64)  # built on the host: no device syncs
             first_row = {lay[2]: lay[0] for lay in layout}
+            per_adapter = np.zeros((len(distinct), r0), dtype=np.int64)  # 0 = the zero page
             for i, m in enumerate(members):
-                if m is None:
-                    continue
-                for p in m.parts:
+                for p in m.parts if m is not None else ():
                     dst = first_row[p.out_start]
-                    table[i, dst:dst + p.row_end - p.row_start] = m.row_list[p.row_start:p.row_end]
+                    per_adapter[i, dst:dst + p.row_end - p.row_start] = m.row_list[p.row_start:p.row_end]
+            table = np.repeat(per_adapter[which], lengths, axis=0)
             groups[g] = _GatherGroup(torch.from_numpy(table).to(device), ref.in_features, tuple(layout),
                                      torch.tensor(layout, dtype=torch.long))
-        tokens = torch.tensor([t for t, _ in rows], dtype=torch.long, device=device)
-        return cls(tokens, groups)
+        tokens = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
+        return cls(torch.from_numpy(tokens).to(device), groups)
 
     def apply(self, pool: LoraPool, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = self.groups.get(group)
@@ -280,12 +294,21 @@ class _GatherPlan:
         if y.is_cuda and triton_kernels.bgmv_add(y, x, pool.data[layer], self.tokens, g.rows,
                                                  self._triton_plan(group, g, y.shape[1], y.device)):
             return y
-        data = pool.data[layer]  # math in the activations' dtype, whatever the pool stores
-        xs = x.index_select(0, self.tokens)  # [N, in]
-        a = data[g.rows, :g.in_features].to(xs.dtype)  # [N, R, in]: gathers only the A columns
-        xa = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [N, R]
-        delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-        for r0, r1, o0, o1 in g.parts:
-            bt = data[g.rows[:, r0:r1], g.in_features:g.in_features + o1 - o0].to(xs.dtype)  # [N, r, out]
-            delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
-        return y.index_put_((self.tokens,), delta, accumulate=True)
+        for c in range(0, self.tokens.shape[0], FALLBACK_ROWS):  # bounded memory for long plans
+            y = _gathered_delta(pool.data[layer], g, self.tokens[c:c + FALLBACK_ROWS], g.rows[c:c + FALLBACK_ROWS],
+                                x, y)
+        return y
+
+
+def _gathered_delta(data: torch.Tensor, g: _GatherGroup, tokens: torch.Tensor, rows: torch.Tensor,
+                    x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The torch path of the batched op for some rows: gathered page rows and batched matmuls (math in the
+    activations' dtype, whatever the pool stores)."""
+    xs = x.index_select(0, tokens)  # [N, in]
+    a = data[rows, :g.in_features].to(xs.dtype)  # [N, R, in]: gathers only the A columns
+    xa = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [N, R]
+    delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+    for r0, r1, o0, o1 in g.parts:
+        bt = data[rows[:, r0:r1], g.in_features:g.in_features + o1 - o0].to(xs.dtype)  # [N, r, out]
+        delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
+    return y.index_put_((tokens,), delta, accumulate=True)

@@ -46,7 +46,7 @@ class ModelRunner:
             seq_chunks.append(SeqChunk(tokens, c.start, c.block_table, adapter_slot=slot,
                                        logits=LOGITS_LAST if c.sample else LOGITS_NONE))
         sampled = [c for c in chunks if c.sample]
-        make_lora = (lambda b: LoraBatch.for_step(b, pooled, self.pool)) if pooled else None
+        make_lora = (lambda b: LoraBatch.for_step(b, pooled, self.pool, self.model.dtype)) if pooled else None
         logits = self.model.step(seq_chunks, self.kv, make_lora)
         if not sampled:
             return [], None

@@ -31,6 +31,21 @@ def test_bench_command_dispatches_lora_overhead(home, tmp_path):
     r = _report(out)
     assert r["benchmark"] == "lora_overhead" and r["shape"] == "tiny"
     assert {"base_step_ms_best", "lora_step_ms_best", "lora_over_base", "meets_target"} <= set(r)
+    assert r["phase"] == "decode" and r["target"] == "<= 1.10"
+
+
+def test_lora_overhead_prefill_phase(home, tmp_path):
+    import aspen.lora_op
+    from benchmarks.lora_overhead import main
+
+    default = aspen.lora_op.SHORT_PREFILL_TOKENS
+    try:
+        r = main(["--shape", "tiny", "--repeats", "1", "--phase", "prefill", "--prompt-len", "5-9",
+                  "--short-prefill-tokens", "0", "--out", str(tmp_path / "p.json")])
+    finally:
+        aspen.lora_op.SHORT_PREFILL_TOKENS = default
+    assert r["phase"] == "prefill" and 32 * 5 <= r["prompt_tokens"] <= 32 * 9
+    assert r["short_prefill_tokens"] == 0 and r["target"] is None and r["lora_over_base"] > 0
 
 
 def test_engine_lora(home, tmp_path):

@@ -119,3 +119,35 @@ def test_triton_output_blocks_tile_every_part():
     block, owner = output_blocks(((0, 8, 0, 256), (8, 12, 320, 384)), 384)
     assert block == 64 and owner == [0, 0, 0, 0, -1, 1]
     assert output_blocks(((0, 4, 0, 100),), 100) is None  # no power-of-two block >= 16 tiles 100 columns
+
+
+def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
+    """With the CPU kernel, an adapter's short prefill joins the batched rows; a long one stays a segment
+    (matmuls); the logits match each sequence alone either way."""
+    from aspen.cpu_kernels import kernel
+    from aspen.lora_op import SHORT_PREFILL_TOKENS
+
+    assert kernel() is not None
+    pool, pooled = model.pool_adapters(adapters[:2])
+    seqs = [torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (SHORT_PREFILL_TOKENS + 6, 10, 5)]
+    slots = [0, 1, -1]
+    kv = model.new_kv_cache(num_blocks=64, block_size=4)
+    tables = [list(range(20)), list(range(20, 24)), list(range(24, 26))]
+    chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
+    seen = {}
+
+    def make_lora(b):
+        seen["lora"] = lb = LoraBatch.for_step(b, pooled, pool)
+        return lb
+
+    logits = model.step(chunks, kv, make_lora)
+    lb = seen["lora"]
+    n0 = len(seqs[0])
+    assert lb.gathered.tokens.tolist() == list(range(n0, n0 + 10))  # the short prefill, one row per token
+    assert len(lb.segments) == 1 and lb.segments[0].tokens == slice(0, n0)  # the long one
+    at = 0
+    for s, k in zip(seqs, slots):
+        alone = model.score(s, adapter=adapters[k] if k >= 0 else None, block_size=4)
+        assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
+        at += len(s)
