@@ -104,7 +104,7 @@ class LoraBatch:
                 by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
         cpu_kernel = pool.data.device.type == "cpu" and dtype == torch.float32 and kernel() is not None
         rows: list[tuple[int, int, PooledAdapter]] = []
-        for slot, spans in list(by_slot.items()):
+        for slot, spans in by_slot.items():
             short = cpu_kernel and sum(b - a for a, b in spans) <= SHORT_PREFILL_TOKENS
             taken = [(a, b) for a, b in spans if b - a == 1 or short]
             rows += [(a, b, adapters[slot]) for a, b in taken]

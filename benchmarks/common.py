@@ -29,7 +29,7 @@ def bench_model(shape: str = "125m") -> str:
     """A random Llama-shaped checkpoint (saved once, then reused) with a small local tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.tiny_models import make_tokenizer
+    from benchmarks.local_tokenizer import make_tokenizer
 
     path = os.path.join(bench_home(), f"llama-{shape}")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
