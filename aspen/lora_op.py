@@ -131,7 +131,6 @@ class LoraBatch:
             y = self.gathered.apply(self.pool, layer, group, x, y)
         return y
 
-
     def _apply_differentiable(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training: every segment's delta is computed out of place and added to ``y`` once. Disjoint contiguous
         segments read their rows through one ``split`` of ``x`` (its backward is one concatenation, where a slice
