@@ -22,7 +22,7 @@ import aspen.lora_op
 from aspen.batch import SeqChunk
 from aspen.config import LORA_TARGETS
 from aspen.lora_op import LoraBatch
-from aspen.peft_io import random_adapter
+from aspen.peft_write import random_adapter
 from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
 
 

@@ -3,8 +3,8 @@
     aspen loadtest make-adapters --model PATH --out DIR --num 1000 --rank 16 --targets all
 
 writes ``DIR/adapter-0000`` ... ``DIR/adapter-0999``, each a PEFT directory (``adapter_config.json`` +
-``adapter_model.safetensors``) made by :func:`aspen.peft_io.random_adapter` (seed = base seed + index, so adapter
-``i`` is the same every time) and written by :func:`aspen.peft_io.save_peft_adapter`. The shapes come from the
+``adapter_model.safetensors``) made by :func:`aspen.peft_write.random_adapter` (seed = base seed + index, so adapter
+``i`` is the same every time) and written by :func:`aspen.peft_write.save_peft_adapter`. The shapes come from the
 model's ``config.json``; no weights of the base are read. Existing complete adapters are kept (resumable) unless
 ``overwrite`` is set. Ids are ``f"{prefix}{i:04d}"`` (:func:`adapter_name`), the names the load tester uses for
 ``--num-adapters``.
@@ -76,7 +76,7 @@ def make_adapters(model: str, out_dir: str, num: int, rank: str | int | Sequence
     from tqdm import tqdm
 
     from aspen.config import ModelConfig
-    from aspen.peft_io import random_adapter, save_peft_adapter
+    from aspen.peft_write import random_adapter, save_peft_adapter
 
     if num <= 0:
         raise ValueError(f"num must be > 0, got {num}")

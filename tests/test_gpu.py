@@ -79,7 +79,7 @@ def test_cuda_triton_bgmv_matches_torch_path(tmp_path, monkeypatch, dtype):
     from aspen.batch import SeqChunk
     from aspen.config import LORA_TARGETS
     from aspen.lora_op import LoraBatch
-    from aspen.peft_io import random_adapter
+    from aspen.peft_write import random_adapter
 
     if triton_kernels._triton() is None:
         pytest.skip("triton is not installed")

@@ -13,7 +13,7 @@ from aspen.batch import SeqChunk
 from aspen.config import LORA_TARGETS
 from aspen.lora_op import LoraBatch
 from aspen.lora_pool import LoraPool, pages_needed
-from aspen.peft_io import random_adapter
+from aspen.peft_write import random_adapter
 from tests.tiny_models import make_checkpoint
 
 # ranks and targets chosen so that rank rows are not multiples of the kernel's 4-row blocks

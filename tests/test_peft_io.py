@@ -21,13 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from aspen.config import LORA_TARGETS, ModelConfig
 from aspen.errors import AdapterError, AdapterNotFoundError
-from aspen.peft_io import (
-    LoraAdapter,
-    LoraWeights,
-    load_peft_adapter,
-    random_adapter,
-    save_peft_adapter,
-)
+from aspen.peft_io import LoraAdapter, LoraWeights, load_peft_adapter
+from aspen.peft_write import random_adapter, save_peft_adapter
 from tests.tiny_models import hf_model, make_checkpoint
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -18,7 +18,8 @@ from torch import nn
 
 from aspen.config import LORA_TARGETS, ModelConfig
 from aspen.model import GROUPS
-from aspen.peft_io import LoraAdapter, LoraWeights, save_peft_adapter
+from aspen.peft_io import LoraAdapter, LoraWeights
+from aspen.peft_write import save_peft_adapter
 
 
 def _key(layer: int, proj: str, kind: str) -> str:
