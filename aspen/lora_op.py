@@ -254,8 +254,8 @@ class _GatherPlan:
     def build(cls, spans: list[tuple[int, int, PooledAdapter]], device: torch.device) -> _GatherPlan:
         """One row per token of ``spans`` ((first token, end, adapter)); built on the host with numpy, one
         row vector per distinct adapter repeated over its tokens (no per-token Python, no device syncs)."""
-        position = {id(ad): i for i, ad in enumerate({id(ad): ad for _, _, ad in spans}.values())}
         distinct = list({id(ad): ad for _, _, ad in spans}.values())
+        position = {id(ad): i for i, ad in enumerate(distinct)}
         which = np.asarray([position[id(ad)] for _, _, ad in spans], dtype=np.int64)
         lengths = np.asarray([b - a for a, b, _ in spans], dtype=np.int64)
         groups: dict[str, _GatherGroup] = {}

@@ -74,32 +74,20 @@ def test_cuda_head_cross_entropy_matches_torch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_triton_bgmv_matches_torch_path(tmp_path, monkeypatch, dtype):
     """Decode rows of 9 adapters (odd ranks, partial targets) through the Triton kernel vs the torch gather path."""
-    import aspen.lora_op
     from aspen import triton_kernels
-    from aspen.batch import SeqChunk
     from aspen.config import LORA_TARGETS
-    from aspen.lora_op import LoraBatch
     from aspen.peft_write import random_adapter
+    from tests.test_lora_pool import SPECS, _decode_logits
 
     if triton_kernels._triton() is None:
         pytest.skip("triton is not installed")
     model = aspen.load_model(make_checkpoint(str(tmp_path / "m"), "llama"), device="cuda", progress=False)
-    specs = [(3, LORA_TARGETS), (8, ["q_proj", "v_proj"]), (6, ["down_proj", "up_proj"]), (16, LORA_TARGETS),
-             (2, ["v_proj"]), (5, ["o_proj", "gate_proj"]), (4, LORA_TARGETS), (7, ["k_proj", "down_proj"]),
-             (64, LORA_TARGETS)]
+    specs = [*SPECS, (64, LORA_TARGETS)]
     adapters = [random_adapter(model.config, r, t, seed=i) for i, (r, t) in enumerate(specs)]
     pool, pooled = model.pool_adapters(adapters, dtype)
-    rows = 12
-    slots = [-1 if i % 4 == 3 else i % len(pooled) for i in range(rows)]
-    seqs = [_ids(6 + i) for i in range(rows)]
 
     def decode():
-        kv = model.new_kv_cache(num_blocks=rows * 8, block_size=4)
-        tables = [list(range(8 * i, 8 * i + 8)) for i in range(rows)]
-        make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
-        model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv, make_lora)
-        return model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
-                          kv, make_lora).cpu()
+        return _decode_logits(model, pool, pooled).cpu()
 
     calls = []
     real = triton_kernels.bgmv_add
