@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from aspen import triton_kernels
 from aspen.batch import FlatBatch
 from aspen.cpu_kernels import bgmv_add, kernel
+from aspen.lora_grad import SpanWork, add_group_delta
 from aspen.lora_pool import LoraPool, PooledAdapter
 
 # decode rows (single tokens) with adapters take the batched path once a step has this many of them
@@ -132,44 +133,25 @@ class LoraBatch:
         return y
 
     def _apply_differentiable(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Training: every segment's delta is computed out of place and added to ``y`` once. Disjoint contiguous
-        segments read their rows through one ``split`` of ``x`` (its backward is one concatenation, where a slice
-        per segment would zero-fill a whole-batch gradient each) and their deltas are stitched together with
-        zero blocks for base tokens; other segments are gathered and scattered by index."""
-        spans: list[tuple[int, int, float, tuple]] = []
-        scattered = []
+        """Training: contiguous segments (the trainer's) go through one autograd node that adds their deltas to
+        ``y`` in place and writes its own backward (``aspen.lora_grad``); segments of scattered tokens are
+        gathered, computed out of place and scattered back by index."""
+        spans: list[SpanWork] = []
+        weights: list[torch.Tensor] = []
         for seg in self.segments:
             w = seg.weights.group_weights(layer, group)
             if w is None:
                 continue
             if isinstance(seg.tokens, slice):
-                spans.append((seg.tokens.start, seg.tokens.stop, seg.dropout, w))
+                a, parts = w
+                spans.append(SpanWork(seg.tokens.start, seg.tokens.stop, seg.dropout,
+                                      tuple((r0, r1, o0, o1) for r0, r1, o0, o1, _ in parts)))
+                weights += [a.to(x.dtype)] + [bt.to(x.dtype) for *_, bt in parts]
             else:
-                scattered.append((seg.tokens, _segment_delta(x.index_select(0, seg.tokens), w, seg.dropout,
-                                                              y.shape[1], y.dtype)))
-        spans.sort(key=lambda s: s[0])
-        if any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1)):  # overlapping: no split
-            scattered += [(torch.arange(a, b, device=x.device), _segment_delta(x[a:b], w, p, y.shape[1], y.dtype))
-                          for a, b, p, w in spans]
-            spans = []
+                delta = _segment_delta(x.index_select(0, seg.tokens), w, seg.dropout, y.shape[1], y.dtype)
+                y = y.index_add(0, seg.tokens, delta)
         if spans:
-            sizes, owners, at = [], [], 0
-            for a, b, p, w in spans:
-                if a > at:
-                    sizes.append(a - at)
-                    owners.append(None)
-                sizes.append(b - a)
-                owners.append((p, w))
-                at = b
-            if at < x.shape[0]:
-                sizes.append(x.shape[0] - at)
-                owners.append(None)
-            parts = [y.new_zeros(rows.shape[0], y.shape[1]) if owner is None
-                     else _segment_delta(rows, owner[1], owner[0], y.shape[1], y.dtype)
-                     for rows, owner in zip(x.split(sizes), owners)]
-            y = y + torch.cat(parts, dim=0)
-        for tokens, delta in scattered:
-            y = y.index_add(0, tokens, delta)
+            y = add_group_delta(x, y, spans, weights)
         return y
 
 
