@@ -230,6 +230,53 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     }
   });
 }
+
+// Counter-based dropout: element i of a draw with seed (lo, hi) is kept iff mix(i, seed) >= threshold, a pure
+// function of (seed, i), so backward regenerates the mask instead of keeping it. Two rounds of MurmurHash3's
+// 32-bit finaliser; plain loops the compiler vectorises.
+static inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16; return h;
+}
+static inline uint32_t keep_hash(uint32_t i_lo, uint32_t lo, uint32_t add) {
+  return fmix32(fmix32(i_lo ^ lo) + add);
+}
+
+// dst[i] (+)= keep(i) ? x[i] : 0 over [begin, end), within one 2^32-element block (i's high word constant)
+template <bool ACC>
+static void dropout_block(float* dst, const float* x, int64_t begin, int64_t end, uint32_t thr, uint32_t lo,
+                          uint32_t hi) {
+  const uint32_t add = (static_cast<uint32_t>(static_cast<uint64_t>(begin) >> 32) ^ hi) * 0x9e3779b9u;
+  const uint32_t j0 = static_cast<uint32_t>(begin);
+  const uint32_t n = static_cast<uint32_t>(end - begin);
+  float* d = dst + begin;
+  const float* xs = x + begin;
+  #pragma omp simd
+  for (uint32_t k = 0; k < n; ++k) {
+    const float v = keep_hash(j0 + k, lo, add) >= thr ? xs[k] : 0.f;
+    if (ACC) d[k] += v; else d[k] = v;
+  }
+}
+
+// out = x * keep, or acc += x * keep when acc is not empty (keep: 0 or 1; no 1/(1-p) scaling here)
+void dropout_apply(torch::Tensor out, torch::Tensor x, torch::Tensor acc, int64_t threshold, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "dropout_apply: contiguous float32 x");
+  const bool accumulate = acc.numel() > 0;
+  torch::Tensor& dst = accumulate ? acc : out;
+  TORCH_CHECK(dst.scalar_type() == torch::kFloat && dst.is_contiguous() && dst.numel() == x.numel(),
+              "dropout_apply: a contiguous float32 output of x's size expected");
+  const float* X = x.data_ptr<float>();
+  float* O = dst.data_ptr<float>();
+  const uint32_t thr = static_cast<uint32_t>(threshold);
+  const uint32_t lo = static_cast<uint32_t>(seed), hi = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+    while (begin < end) {  // split at 2^32-element boundaries, where the index's high word changes
+      const int64_t stop = std::min<int64_t>(end, (begin | int64_t{0xffffffff}) + 1);
+      if (accumulate) dropout_block<true>(O, X, begin, stop, thr, lo, hi);
+      else dropout_block<false>(O, X, begin, stop, thr, lo, hi);
+      begin = stop;
+    }
+  });
+}
 """
 
 POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # pool storage the BGMV kernel reads (fp32 math)
@@ -252,8 +299,8 @@ def kernel():
                 from torch.utils.cpp_extension import load_inline
 
                 log.info("building the CPU kernels (once per machine, about a minute)...")
-                _module = load_inline(name="aspen_cpu_kernels_v3", cpp_sources=_SOURCE,
-                                      functions=["bgmv_add", "paged_decode_attention"],
+                _module = load_inline(name="aspen_cpu_kernels_v4", cpp_sources=_SOURCE,
+                                      functions=["bgmv_add", "paged_decode_attention", "dropout_apply"],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # noqa: BLE001 -- no compiler / headers: the torch path still works
@@ -289,4 +336,31 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     q = q.contiguous()
     out = torch.empty_like(q)
     mod.paged_decode_attention(out, q, k_pool, v_pool, slots, starts, lens, scale)
+    return out
+
+
+def dropout_threshold(p: float) -> int:
+    """The kernel's 32-bit threshold for drop probability ``p``: an element whose hash is below it is dropped."""
+    return min(2 ** 32 - 1, round(p * 2 ** 32))
+
+
+def dropout_apply(x: torch.Tensor, p: float, seed: int, acc: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Counter-based dropout ``keep`` mask (drop probability ``p``, ``seed`` in [0, 2**63)) over contiguous
+    float32 ``x``: returns ``x * keep`` (no ``1/(1-p)``) in a new tensor or in ``out``, or with ``acc`` adds
+    ``x * keep`` into it and returns it. The mask is a pure function of ``(seed, element index)``, so the same
+    call gives the same mask. None when the kernel is not available or cannot take these tensors."""
+    dst = acc if acc is not None else out
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    if dst is not None and (dst.device.type != "cpu" or dst.dtype != torch.float32 or not dst.is_contiguous()):
+        return None
+    mod = kernel()
+    if mod is None:
+        return None
+    if acc is not None:
+        mod.dropout_apply(acc, x, acc, dropout_threshold(p), seed)
+        return acc
+    out = torch.empty_like(x) if out is None else out
+    mod.dropout_apply(out, x, out.new_empty(0), dropout_threshold(p), seed)
     return out

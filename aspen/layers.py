@@ -56,7 +56,33 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, hd]; rotate-half convention of the Hugging Face checkpoints."""
+    """x: [T, heads, hd]; rotate-half convention of the Hugging Face checkpoints (``x * cos + rotate_half(x) *
+    sin``): each half is written straight into the output (no concatenated ``rotate_half`` copy), and under
+    autograd the backward pass is the inverse rotation."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotary.apply(x, cos, sin)
+    return _rotate(x, cos, sin, 1.0)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Rotation of every (i, i + hd/2) pair of ``x`` by the position's angle (``sign`` -1: by minus it)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    c, s = cos[..., :half], sin[..., :half]  # the tables repeat their first half
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None

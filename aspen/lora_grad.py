@@ -16,11 +16,15 @@ and backward, from the output gradient ``gy``::
 Written with plain autograd ops, the same math costs a zero-filled ``[tokens, width]`` delta per group (the
 stitched per-segment deltas), an out-of-place add of it to the base output and the matching splits and
 concatenations in backward — a quarter of the training step on the CPU. Here the delta goes straight into the
-base output's rows and ``gy`` passes through to the base untouched. Dropout keeps its 0/1 float mask (as
-``F.dropout`` does; boolean masks cost more in conversions than they save) and applies ``1/(1-p)`` on the
-rank-wide side of each product. The masks are drawn exactly as ``F.dropout`` draws them
-(``bernoulli_(1 - p)`` on a float tensor shaped like the input, one per projection in order) from the same
-generator, so a run is mask for mask the PEFT computation.
+base output's rows and ``gy`` passes through to the base untouched.
+
+Dropout draws a mask of its own per projection (as PEFT does) and applies ``1/(1-p)`` on the rank-wide side of
+each product. On the CPU in float32 the mask comes from the compiled counter-based kernel
+(``aspen.cpu_kernels.dropout_apply``): a pure function of a seed drawn from torch's generator and the element
+index, about 8x cheaper to draw than ``bernoulli_``, and regenerated in backward, so no mask is kept between
+forward and backward. Elsewhere it is ``F.dropout``'s own draw (``bernoulli_(1 - p)`` on a float tensor), kept
+for backward. Either way forward and backward apply the same mask, and the masks follow the run's seed and
+RNG state, which checkpoints save.
 
 The base output is changed in place (``mark_dirty``): the base projections never keep their output for their
 own backward, so nothing the autograd graph needs is overwritten.
@@ -30,6 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from aspen.cpu_kernels import dropout_apply
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,8 @@ class _GroupDelta(torch.autograd.Function):
                 c = 1.0 / (1.0 - s.dropout)
                 xas, keeps = [], []
                 for (r0, r1, o0, o1), bt in zip(s.parts, bts):
-                    keep = torch.empty_like(xs).bernoulli_(1.0 - s.dropout)  # F.dropout's draw: 0/1 floats
-                    xa = ((xs * keep) @ a[r0:r1].t()).mul_(c)  # the 1/(1-p) on the narrow side
+                    xd, keep = _drop(xs, s.dropout)
+                    xa = (xd @ a[r0:r1].t()).mul_(c)  # the 1/(1-p) on the narrow side
                     out[:, o0:o1].addmm_(xa, bt)
                     xas.append(xa)
                     keeps.append(keep)
@@ -87,13 +93,16 @@ class _GroupDelta(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         spans = ctx.spans
         need_x = ctx.needs_input_grad[0]
-        gx = torch.zeros_like(x) if need_x else None
+        # the trainer's spans tile the batch: each span's first contribution is written, not added to zeros
+        tiled = need_x and _tiles(spans, x.shape[0])
+        gx = (torch.empty_like(x) if tiled else torch.zeros_like(x)) if need_x else None
         grads: list[torch.Tensor | None] = []
         at = 0
         for s, xa, keep in zip(spans, ctx.saved_xa, ctx.saved_keep):
             a, bts = weights[at], weights[at + 1:at + 1 + len(s.parts)]
             at += 1 + len(s.parts)
             xs, g = x[s.start:s.stop], gy[s.start:s.stop]
+            gxs = gx[s.start:s.stop] if need_x else None
             ga = torch.empty_like(a)
             gbts = []
             if keep is None:
@@ -103,16 +112,70 @@ class _GroupDelta(torch.autograd.Function):
                     gbts.append(xa[:, r0:r1].t() @ g[:, o0:o1])
                 torch.mm(gxa.t(), xs, out=ga)
                 if need_x:
-                    gx[s.start:s.stop].addmm_(gxa, a)
+                    if tiled:
+                        torch.mm(gxa, a, out=gxs)
+                    else:
+                        gxs.addmm_(gxa, a)
             else:
                 c = 1.0 / (1.0 - s.dropout)
-                for (r0, r1, o0, o1), bt, xa_m, keep_m in zip(s.parts, bts, xa, keep):
+                for k, ((r0, r1, o0, o1), bt, xa_m, keep_m) in enumerate(zip(s.parts, bts, xa, keep)):
                     gxa = (g[:, o0:o1] @ bt.t()).mul_(c)
                     gbts.append(xa_m.t() @ g[:, o0:o1])
-                    torch.mm(gxa.t(), xs * keep_m, out=ga[r0:r1])
+                    torch.mm(gxa.t(), _redrop(xs, s.dropout, keep_m), out=ga[r0:r1])
                     if need_x:
-                        gx[s.start:s.stop].addcmul_(gxa @ a[r0:r1], keep_m)
+                        _drop_into(gxs, gxa @ a[r0:r1], s.dropout, keep_m, add=k > 0 or not tiled)
             grads.append(ga)
             grads.extend(gbts)
         ctx.saved_xa = ctx.saved_keep = None
         return (gx, gy, None, *grads)
+
+
+# ---- dropout masks ---------------------------------------------------------------------------------------------
+# A mask is an int (the seed of the CPU kernel's counter-based draw: regenerated in backward, nothing kept) or a
+# 0/1 float tensor (torch's bernoulli_, as F.dropout draws it: other devices and dtypes, or no compiled kernel).
+
+def _drop(xs: torch.Tensor, p: float) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """(``xs * keep``, the mask) for a fresh mask with drop probability ``p``; seeds come from torch's default
+    generator, so a run's masks follow its seed and RNG state (checkpoints keep it)."""
+    if xs.device.type == "cpu" and xs.dtype == torch.float32:
+        seed = int(torch.randint(0, 2 ** 62, ()).item())
+        xd = dropout_apply(xs, p, seed)
+        if xd is not None:
+            return xd, seed
+    keep = torch.empty_like(xs).bernoulli_(1.0 - p)
+    return xs * keep, keep
+
+
+def _redrop(xs: torch.Tensor, p: float, mask: int | torch.Tensor) -> torch.Tensor:
+    """``xs * keep`` again for a mask drawn by :func:`_drop`."""
+    if isinstance(mask, int):
+        return dropout_apply(xs, p, mask)
+    return xs * mask
+
+
+def _drop_into(dst: torch.Tensor, t: torch.Tensor, p: float, mask: int | torch.Tensor, add: bool) -> None:
+    """``dst (+)= t * keep`` in place."""
+    if isinstance(mask, int):
+        if add:
+            dropout_apply(t, p, mask, acc=dst)
+        else:
+            dropout_apply(t, p, mask, out=dst)
+    elif add:
+        dst.addcmul_(t, mask)
+    else:
+        torch.mul(t, mask, out=dst)
+
+
+def _tiles(spans: list[SpanWork], n: int) -> bool:
+    """Whether the spans are disjoint and cover rows [0, n) exactly."""
+    at = 0
+    for s in sorted(spans, key=lambda s: s.start):
+        if s.start != at:
+            return False
+        at = s.stop
+    return at == n
+
+
+def keep_mask(like: torch.Tensor, p: float, mask: int | torch.Tensor) -> torch.Tensor:
+    """The 0/1 float mask shaped like ``like`` that a draw of :func:`_drop` applied (tests, debugging)."""
+    return _redrop(torch.ones_like(like), p, mask)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import aspen
+from aspen.cpu_kernels import kernel
 from aspen.train.config import TrainConfigError, load_config, parse_config
 from aspen.train.data import IGNORE, PromptTemplate, load_records, tokenize
 from aspen.train.search import SuccessiveHalving
@@ -149,9 +150,29 @@ def test_loss_counts_only_response_tokens_and_never_padding(env):
     assert abs(ours - with_prompt) > 1e-3 and abs(ours - with_pad) > 1e-3  # prompt or padding labels would show
 
 
-def test_dropout_gradients_match_peft_with_the_same_masks(env):
+@pytest.mark.parametrize("source", ["kernel", "torch"])
+def test_dropout_gradients_match_peft_with_the_same_masks(env, monkeypatch, source):
+    """Our gradients with dropout equal PEFT's when PEFT's dropout modules apply the masks our op drew (in call
+    order: q, k, v, o, gate, up, down per layer), for both mask sources: the CPU kernel's counter-based draw
+    (regenerated in backward) and torch's bernoulli_ masks (kept)."""
     from peft import LoraConfig, get_peft_model
 
+    from aspen import lora_grad
+
+    if source == "torch":
+        monkeypatch.setattr(lora_grad, "dropout_apply", lambda *a, **k: None)
+    elif kernel() is None:
+        pytest.skip("the CPU kernels are not available")
+    drawn: list[torch.Tensor] = []
+    draw = lora_grad._drop
+
+    def recording(xs, p):
+        xd, mask = draw(xs, p)
+        assert isinstance(mask, int) == (source == "kernel")
+        drawn.append(lora_grad.keep_mask(xs, p, mask))
+        return xd, mask
+
+    monkeypatch.setattr(lora_grad, "_drop", recording)
     cfg = parse_config({"output_dir": str(env.root / "drop"), "adapters": [
         adapter(env, "d", "rev", r=4, alpha=8, dropout=0.3)]})
     trainer = Trainer(env.lm, cfg, progress=False)
@@ -169,18 +190,26 @@ def test_dropout_gradients_match_peft_with_the_same_masks(env):
         return {k: p.grad.clone() for k, p in t.lora.params.items()}
 
     got, no_drop = ours(True), ours(False)
+    masks = list(drawn)
+    assert len(masks) == 7 * env.lm.config.num_hidden_layers
+    assert all(0.4 < m.mean().item() < 0.95 for m in masks)  # p = 0.3: about 70% kept
+
+    class Replay(torch.nn.Module):  # PEFT's dropout, applying our masks in order
+        def forward(self, x):
+            return x * masks.pop(0) / (1 - 0.3)
+
     peft = get_peft_model(hf_model(env.base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=ALL7))
     mods = dict(peft.named_modules())
     for layer in range(env.lm.config.num_hidden_layers):
         for proj in ALL7:
             block = "self_attn" if proj in ALL7[:4] else "mlp"
             m = mods[f"base_model.model.model.layers.{layer}.{block}.{proj}"]
+            m.lora_dropout["default"] = Replay()
             with torch.no_grad():
                 m.lora_A["default"].weight.copy_(t.lora.A(layer, proj))
                 m.lora_B["default"].weight.copy_(t.lora.B(layer, proj))
     peft.train()
     labels = [IGNORE] * ex.n_prompt + list(ex.ids[ex.n_prompt:])
-    torch.manual_seed(123)
     peft(input_ids=torch.tensor([ex.ids]), labels=torch.tensor([labels])).loss.backward()
     worst = 0.0
     for layer in range(env.lm.config.num_hidden_layers):
@@ -191,7 +220,27 @@ def test_dropout_gradients_match_peft_with_the_same_masks(env):
                 g = got[f"l{layer}_{proj}_{kind}"]
                 worst = max(worst, ((g - ref).abs().max() / ref.abs().max()).item())
                 assert (g - no_drop[f"l{layer}_{proj}_{kind}"]).abs().max() > 1e-3 * ref.abs().max()
-    assert worst < 1e-3
+    assert worst < 1e-3 and not masks
+
+
+def test_counter_dropout_kernel_draws_a_reproducible_bernoulli_mask():
+    from aspen.cpu_kernels import dropout_apply
+
+    if kernel() is None:
+        pytest.skip("the CPU kernels are not available")
+    x = torch.randn(3000, 700)
+    y = dropout_apply(x, 0.1, 42)
+    keep = y != 0
+    assert torch.equal(y[keep], x[keep])
+    assert abs(keep.float().mean().item() - 0.9) < 2e-3  # 2.1M draws: sd of the mean 2e-4
+    cols = keep.float().mean(dim=0)
+    assert (cols - 0.9).abs().max() < 0.03  # no column is favoured (3000 draws each: sd 0.0055)
+    assert torch.equal(dropout_apply(x, 0.1, 42), y)  # a pure function of (seed, index)
+    other = dropout_apply(x, 0.1, 43) != 0
+    assert abs((other & keep).float().mean().item() - 0.81) < 2e-3  # independent of another seed's mask
+    acc = torch.ones_like(x)
+    assert torch.equal(dropout_apply(x, 0.1, 42, acc=acc), y + 1)
+    assert dropout_apply(x.t(), 0.1, 42) is None  # not contiguous: the caller's torch path
 
 
 def test_early_stopping_on_plateau_leaves_the_others_training(env):
