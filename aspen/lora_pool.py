@@ -143,13 +143,12 @@ class LoraPool:
         index = None if contiguous else torch.tensor(rows, dtype=torch.long, device=self.data.device)
         per_layer = [adapter.weights.get((layer, module)) for layer in range(self.config.num_hidden_layers)]
         if contiguous and all(w is not None and w.A.shape[0] == len(rows) for w in per_layer):
-            # the common case, every layer at full rank: A row blocks copied layer by layer, all layers' B scaled
-            # and transposed into page rows in one copy
+            # the common case, every layer at full rank: per layer, A's row block copied and B scaled and
+            # transposed straight into the page rows (one pass each, no temporaries)
             dst = self.data[:, r0:r0 + len(rows), :in_f + out_f]
             for layer, w in enumerate(per_layer):
                 dst[layer, :, :in_f].copy_(w.A)
-            scales = torch.tensor([w.scale for w in per_layer], dtype=torch.float32).view(-1, 1, 1)
-            dst[:, :, in_f:].copy_(torch.stack([w.B for w in per_layer]).mul_(scales).transpose(1, 2))
+                torch.mul(w.B.t(), w.scale, out=dst[layer, :, in_f:])
             return
         for layer, w in enumerate(per_layer):
             r = 0 if w is None else w.A.shape[0]
