@@ -24,8 +24,10 @@ Contracts
 * Generations: an id's generation starts at 0 and is bumped whenever the id may now name
   different weights (re-registered with another path, or registered again after unregister),
   so prefix caches keyed by ``(adapter_id, generation)`` never reuse stale KV.
-* Thread safety: one ``threading.RLock`` guards every public method. Backend calls (disk reads,
-  host->device copies) run under the lock for now, so a slow load stalls other callers.
+* Thread safety: one ``threading.RLock`` guards every public method and all bookkeeping. :meth:`prefetch`
+  (what a new request calls) reads and validates the adapter from disk *without* the lock, so other callers
+  (the engine's scheduler) are not stalled by the read; host->device copies, and the loads :meth:`acquire`
+  must do itself, run under the lock.
 """
 from __future__ import annotations
 
@@ -167,6 +169,10 @@ class AdapterCache:
     def prefetch(self, adapter_id: str, *, request: bool = False) -> CacheStatus:
         """Bring to host, and to device if unpinned pages allow; never pins, never raises CACHE_FULL.
 
+        The disk read and validation run without the lock (other callers — the engine's scheduler among them —
+        go on meanwhile); the host insert and the device copy take it again. What was read is dropped if the
+        entry changed during the read (loaded by another caller, re-pointed or unregistered).
+
         ``request=True``: a request for this adapter has arrived; it counts as a request hit when the adapter is
         already device-resident, else as a request miss (the per-request hit rate users ask about: acquires
         come later and nearly always hit what this call loaded)."""
@@ -174,7 +180,23 @@ class AdapterCache:
             entry = self._lookup(adapter_id)
             if request:
                 self._counts["request_hits" if entry.device is not None else "request_misses"] += 1
-            return self._make_resident(entry, keep_host_when_full=True)
+            if entry.device is not None or entry.host is not None:
+                return self._make_resident(entry, keep_host_when_full=True)
+            if entry.num_pages is not None and entry.nbytes is not None:  # sizes known: skip a useless read
+                self._check_sizes(adapter_id, entry.nbytes, entry.num_pages)
+                if not self._host_fits(entry.nbytes):
+                    return CacheStatus.CACHE_FULL
+            path, generation = entry.path, entry.generation
+        host, seconds = self._read_host(adapter_id, path)  # unlocked (unless the caller holds the lock)
+        with self._lock:
+            self._load_seconds += seconds
+            current = self._entries.get(adapter_id)
+            if (current is entry and entry.generation == generation and entry.host is None
+                    and entry.device is None):
+                self._accept_host(entry, host)
+                if not self._insert_host(entry, host):
+                    return CacheStatus.CACHE_FULL
+            return self._make_resident(self._lookup(adapter_id), keep_host_when_full=True)
 
     def can_acquire(self, adapter_id: str) -> bool:
         """Cheap scheduler hint; True when unknown (acquire decides, and raises if it never fits)."""
@@ -301,16 +323,27 @@ class AdapterCache:
         return CacheStatus.LOADED
 
     def _load_host(self, entry: _Entry) -> Any:
+        host, seconds = self._read_host(entry.adapter_id, entry.path)
+        self._load_seconds += seconds
+        self._accept_host(entry, host)
+        return host
+
+    def _read_host(self, adapter_id: str, path: str) -> tuple[Any, float]:
+        """The backend's host copy of ``path`` and the seconds it took; needs no lock (touches no cache state
+        but the failure counter, under the lock)."""
         t0 = time.perf_counter()
         try:
-            if os.path.isdir(entry.path):  # a missing directory is the backend's NOT_FOUND to report
-                check_confined(self._root, entry.path)  # the tree may have changed since register()
-            host = self._backend.load_host(entry.adapter_id, entry.path)
+            if os.path.isdir(path):  # a missing directory is the backend's NOT_FOUND to report
+                check_confined(self._root, path)  # the tree may have changed since register()
+            return self._backend.load_host(adapter_id, path), time.perf_counter() - t0
         except BaseException:
-            self._counts["load_failures"] += 1
+            with self._lock:
+                self._counts["load_failures"] += 1
+                self._load_seconds += time.perf_counter() - t0
             raise
-        finally:
-            self._load_seconds += time.perf_counter() - t0
+
+    def _accept_host(self, entry: _Entry, host: Any) -> None:
+        """Check a fresh host copy's sizes, record them and count the load (not yet inserted)."""
         try:
             self._check_sizes(entry.adapter_id, host.nbytes, host.num_pages)
         except AdapterError:
@@ -319,7 +352,6 @@ class AdapterCache:
         entry.nbytes, entry.num_pages = host.nbytes, host.num_pages
         self._counts["loads"] += 1
         self._per[entry.adapter_id]["loads"] += 1
-        return host
 
     def _load_device(self, entry: _Entry) -> None:
         need = entry.host.num_pages

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,3 +475,80 @@ def test_request_hits_count_residency_on_arrival(tmp_path: Path) -> None:
     assert cache.prefetch("a", request=True) is LOADED  # miss again: a was only on the host
     s = cache.stats()
     assert (s.request_hits, s.request_misses) == (1, 2) and (s.hits, s.misses) == (0, 0)
+
+
+class BlockingBackend(FakeBackend):
+    """load_host of ``slow`` waits for ``go``: a long disk read in flight."""
+
+    def __init__(self, sizes, root, slow: str) -> None:
+        super().__init__(sizes, root)
+        self.slow, self.reading = slow, threading.Event()
+        self.go = threading.Event()
+
+    def load_host(self, adapter_id, path):
+        if adapter_id == self.slow:
+            self.reading.set()
+            assert self.go.wait(10), "the test never let the read finish"
+        return super().load_host(adapter_id, path)
+
+
+def blocking_cache(tmp_path: Path, sizes: dict[str, tuple[int, int]], slow: str):
+    cache, backend = make_cache(tmp_path, sizes)
+    blocking = BlockingBackend(sizes, tmp_path / "adapters", slow)
+    cache._backend = blocking
+    return cache, blocking
+
+
+def test_prefetch_reads_disk_without_the_lock_so_other_callers_go_on(tmp_path):
+    cache, backend = blocking_cache(tmp_path, {"slow": (100, 2), "hot": (100, 2)}, slow="slow")
+    assert cache.acquire("hot").status is LOADED
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(cache.prefetch, "slow", request=True)
+        assert backend.reading.wait(5)
+        # while "slow" is being read, the scheduler's calls are answered at once
+        assert cache.acquire("hot").status is HIT
+        assert cache.can_acquire("slow") and cache.tier("slow") == "disk"
+        cache.release("hot")
+        backend.go.set()
+        assert reading.result(5) is LOADED
+    assert cache.tier("slow") == "device"
+    assert cache.stats().loads == 2 and cache.stats().request_misses == 1
+    cache.release("hot")
+    cache.check_invariants()
+
+
+@pytest.mark.parametrize("race", ["loaded meanwhile", "re-pointed", "unregistered"])
+def test_a_read_overtaken_by_a_change_of_the_entry_is_dropped(tmp_path, race):
+    cache, backend = blocking_cache(tmp_path, {"a": (100, 2), "b": (300, 3)}, slow="a")
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(cache.prefetch, "a")
+        assert backend.reading.wait(5)
+        backend.slow = None  # later reads of "a" do not block
+        if race == "loaded meanwhile":
+            assert cache.acquire("a").status is LOADED
+        elif race == "re-pointed":
+            cache.register("a", "b")  # now names other weights: generation 1
+        else:
+            cache.unregister("a")
+        backend.go.set()
+        status = reading.result(5)
+    if race == "loaded meanwhile":
+        assert status is HIT and cache.stats().loads == 1  # the second read was dropped, not counted
+        cache.release("a")
+    elif race == "re-pointed":
+        assert status is LOADED and cache.generation("a") == 1
+        assert cache.info()[0].nbytes == 300  # the new path's weights, not the stale read
+    else:
+        assert status is LOADED and cache.generation("a") == 1  # registered again just in time, from disk
+    assert cache.stats().bytes_host == sum(i.nbytes for i in cache.info() if i.tier != "disk")
+    cache.check_invariants()
+
+
+def test_a_failed_unlocked_read_counts_and_leaves_nothing(tmp_path):
+    cache, backend = make_cache(tmp_path, {"bad": (100, 2)})
+    backend.fail_load.add("bad")
+    with pytest.raises(AdapterError, match="corrupt"):
+        cache.prefetch("bad")
+    assert cache.stats().load_failures == 1 and cache.tier("bad") == "disk"
+    assert cache.stats().bytes_host == 0 and cache.stats().pages_device == 0
+    cache.check_invariants()
