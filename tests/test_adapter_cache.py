@@ -493,7 +493,7 @@ class BlockingBackend(FakeBackend):
 
 
 def blocking_cache(tmp_path: Path, sizes: dict[str, tuple[int, int]], slow: str):
-    cache, backend = make_cache(tmp_path, sizes)
+    cache, _ = make_cache(tmp_path, sizes)
     blocking = BlockingBackend(sizes, tmp_path / "adapters", slow)
     cache._backend = blocking
     return cache, blocking
