@@ -1,5 +1,5 @@
-"""CPU kernels for the two decode hot spots, compiled on first use: the LoRA op over the paged pool (BGMV) and
-attention over the paged KV cache.
+"""CPU kernels, compiled on first use: the two decode hot spots — the LoRA op over the paged pool (BGMV) and
+attention over the paged KV cache — and training's LoRA dropout.
 
 BGMV: for each row ``n`` (one token, one adapter) it reads that adapter's pages straight from the pool — no gathered
 copy — and adds the low-rank delta to the row's output (float32 activations and math; the pool may be stored in
@@ -13,6 +13,10 @@ Page 0 is the all-zero padding page (padding rows read it and add nothing).
 Paged decode attention: for each decode row ``d`` and head ``h`` (kv head ``h // group``), keys and values are
 read in place from their slots ``slots[d, starts[d]:lens[d]]`` — no gathered copy of the context — then a
 two-pass softmax (max, exp-sum) weights the values.
+
+Dropout for training (``dropout_apply``): element ``i`` of a draw is kept when a hash of ``(seed, i)`` clears a
+32-bit threshold, so a mask is a pure function of its seed — backward regenerates it instead of keeping it — and
+drawing it is a few integer operations per element instead of ``bernoulli_``'s generator.
 
 Rows run in parallel (ATen's thread pool). BGMV's inner loops use AVX2/FMA/F16C intrinsics where the compiler
 targets them (``-march=native``) and plain C++ otherwise; attention's are plain C++ that the compiler vectorises.

@@ -13,9 +13,10 @@ in no segment and cost nothing.
 Where the weights come from is the only difference between serving and training:
 
 * serving (:class:`PoolWeights`): rows of the paged pool (``aspen.lora_pool``), scale already folded into B;
-* training (``aspen.train``): trainable ``nn.Parameter`` A and B per (layer, projection); the op is written with
-  differentiable torch ops, so autograd reaches A and B (the base weights are frozen), and LoRA dropout, applied
-  to the segment's input here, uses one mask in forward and backward.
+* training (``aspen.train``): trainable ``nn.Parameter`` A and B per (layer, projection); the segments of a group
+  go through one autograd node (``aspen.lora_grad``) that adds their deltas in place and writes its own
+  backward, so autograd reaches A and B (the base weights are frozen); LoRA dropout, applied to the segment's
+  input there, uses the same mask in forward and backward.
 
 A decode-heavy step with many distinct pooled adapters takes the batched path (:class:`_GatherPlan`): each row
 reads its own adapter's pages in place, one call per projection group (BGMV) — the compiled CPU kernel
