@@ -149,21 +149,26 @@ def _drop(xs: torch.Tensor, p: float) -> tuple[torch.Tensor, int | torch.Tensor]
 def _redrop(xs: torch.Tensor, p: float, mask: int | torch.Tensor) -> torch.Tensor:
     """``xs * keep`` again for a mask drawn by :func:`_drop`."""
     if isinstance(mask, int):
-        return dropout_apply(xs, p, mask)
+        return _kernel_done(dropout_apply(xs, p, mask))
     return xs * mask
 
 
 def _drop_into(dst: torch.Tensor, t: torch.Tensor, p: float, mask: int | torch.Tensor, add: bool) -> None:
     """``dst (+)= t * keep`` in place."""
     if isinstance(mask, int):
-        if add:
-            dropout_apply(t, p, mask, acc=dst)
-        else:
-            dropout_apply(t, p, mask, out=dst)
+        _kernel_done(dropout_apply(t, p, mask, acc=dst) if add else dropout_apply(t, p, mask, out=dst))
     elif add:
         dst.addcmul_(t, mask)
     else:
         torch.mul(t, mask, out=dst)
+
+
+def _kernel_done(result: torch.Tensor | None) -> torch.Tensor:
+    """A seed mask's kernel call in backward must run: a refusal would silently drop a gradient."""
+    if result is None:
+        raise RuntimeError("the dropout kernel refused, in backward, tensors of the shape and layout it took in "
+                           "forward (contiguous float32 on the CPU expected)")
+    return result
 
 
 def _tiles(spans: list[SpanWork], n: int) -> bool:
