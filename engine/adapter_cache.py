@@ -182,10 +182,8 @@ class AdapterCache:
                 self._counts["request_hits" if entry.device is not None else "request_misses"] += 1
             if entry.device is not None or entry.host is not None:
                 return self._make_resident(entry, keep_host_when_full=True)
-            if entry.num_pages is not None and entry.nbytes is not None:  # sizes known: skip a useless read
-                self._check_sizes(adapter_id, entry.nbytes, entry.num_pages)
-                if not self._host_fits(entry.nbytes):
-                    return CacheStatus.CACHE_FULL
+            if self._full_before_read(entry, keep_host_when_full=True):
+                return CacheStatus.CACHE_FULL
             path, generation = entry.path, entry.generation
         host, seconds = self._read_host(adapter_id, path)  # unlocked (unless the caller holds the lock)
         with self._lock:
@@ -307,12 +305,8 @@ class AdapterCache:
             self._touch(entry)
             return CacheStatus.HIT
         if entry.host is None:
-            if entry.num_pages is not None and entry.nbytes is not None:  # sizes known: skip a useless load
-                self._check_sizes(entry.adapter_id, entry.nbytes, entry.num_pages)
-                if not self._host_fits(entry.nbytes):
-                    return CacheStatus.CACHE_FULL
-                if not keep_host_when_full and not self._device_fits(entry.num_pages):
-                    return CacheStatus.CACHE_FULL
+            if self._full_before_read(entry, keep_host_when_full=keep_host_when_full):
+                return CacheStatus.CACHE_FULL
             host = self._load_host(entry)
             if not self._insert_host(entry, host):
                 return CacheStatus.CACHE_FULL
@@ -321,6 +315,16 @@ class AdapterCache:
             return CacheStatus.CACHE_FULL
         self._load_device(entry)
         return CacheStatus.LOADED
+
+    def _full_before_read(self, entry: _Entry, *, keep_host_when_full: bool) -> bool:
+        """With the sizes known from an earlier load: whether the read would end in CACHE_FULL (skip it). Raises
+        if the adapter can never fit."""
+        if entry.num_pages is None or entry.nbytes is None:
+            return False
+        self._check_sizes(entry.adapter_id, entry.nbytes, entry.num_pages)
+        if not self._host_fits(entry.nbytes):
+            return True
+        return not keep_host_when_full and not self._device_fits(entry.num_pages)
 
     def _load_host(self, entry: _Entry) -> Any:
         host, seconds = self._read_host(entry.adapter_id, entry.path)
