@@ -11,8 +11,8 @@ float32, float16 or bfloat16, converted on load — the pool bytes are what a ma
 Page 0 is the all-zero padding page (padding rows read it and add nothing).
 
 Paged decode attention: for each decode row ``d`` and head ``h`` (kv head ``h // group``), keys and values are
-read in place from their slots ``slots[d, starts[d]:lens[d]]`` — no gathered copy of the context — then a
-two-pass softmax (max, exp-sum) weights the values.
+read in place from their slots ``slots[d, starts[d]:lens[d]]`` — no gathered copy of the context — slot by slot,
+each slot's heads as one contiguous read (scores for all of a row's heads, a softmax per head, then the values).
 
 Dropout for training (``dropout_apply``): element ``i`` of a draw is kept when a hash of ``(seed, i)`` clears a
 32-bit threshold, so a mask is a pure function of its seed — backward regenerates it instead of keeping it — and
@@ -201,36 +201,61 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   const int64_t* LN = lens.data_ptr<int64_t>();
   float* O = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, D * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(L);
-    std::vector<float> acc(HD);
+  // Each task is one row and a chunk of its kv heads; a row is split into chunks only when there are too few rows
+  // to keep every thread busy. A task walks its slots once per pass (keys, then values), reading each slot's
+  // heads of the chunk as one contiguous run: slot-major, so the reads stream through whole cache blocks instead of
+  // one head's 256 bytes per slot, which left the memory bus waiting (~30% slower at 64 rows x 129 keys).
+  const int64_t nt = at::get_num_threads();
+  int64_t C = 1;
+  while (C < KVH && D * C < 4 * nt) C *= 2;
+  C = std::min(C, KVH);
+  const int64_t per = (KVH + C - 1) / C;
+  at::parallel_for(0, D * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w;
+    std::vector<float> acc;
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t d = idx / H, h = idx % H, kvh = h / group;
-      const float* qh = Q + (d * H + h) * HD;
+      const int64_t d = idx / C, c = idx % C;
+      const int64_t g0 = c * per, g1 = std::min(KVH, g0 + per);
+      if (g0 >= g1) continue;
+      const int64_t h0 = g0 * group, nh = (g1 - g0) * group;
       const int64_t* sd = S + d * L;
-      const int64_t lo = ST[d], hi = LN[d];
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t p = lo; p < hi; ++p) {
-        const float* kp = K + (sd[p] * KVH + kvh) * HD;
-        float s = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t i = 0; i < HD; ++i) s += qh[i] * kp[i];
-        s *= sc;
-        w[p] = s;
-        if (s > m) m = s;
+      const int64_t lo = ST[d], n = LN[d] - lo;
+      float* od = O + (d * H + h0) * HD;
+      if (n <= 0) { std::fill(od, od + nh * HD, 0.f); continue; }
+      w.resize(nh * n);
+      acc.assign(nh * HD, 0.f);
+      const float* qd = Q + (d * H + h0) * HD;
+      for (int64_t p = 0; p < n; ++p) {  // scores w[h, p] = q_h . k_p * scale
+        const float* kp = K + (sd[lo + p] * KVH + g0) * HD;
+        for (int64_t h = 0; h < nh; ++h) {
+          const float* kh = kp + (h / group) * HD;
+          const float* qh = qd + h * HD;
+          float s = 0.f;
+          #pragma omp simd reduction(+:s)
+          for (int64_t i = 0; i < HD; ++i) s += qh[i] * kh[i];
+          w[h * n + p] = s * sc;
+        }
       }
-      float denom = 0.f;
-      for (int64_t p = lo; p < hi; ++p) { w[p] = std::exp(w[p] - m); denom += w[p]; }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = lo; p < hi; ++p) {
-        const float* vp = V + (sd[p] * KVH + kvh) * HD;
-        const float c = w[p];
-        #pragma omp simd
-        for (int64_t i = 0; i < HD; ++i) acc[i] += c * vp[i];
+      for (int64_t h = 0; h < nh; ++h) {  // softmax over each head's keys
+        float* wh = w.data() + h * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < n; ++p) m = std::max(m, wh[p]);
+        float den = 0.f;
+        for (int64_t p = 0; p < n; ++p) { wh[p] = std::exp(wh[p] - m); den += wh[p]; }
+        const float inv = 1.f / den;
+        for (int64_t p = 0; p < n; ++p) wh[p] *= inv;
       }
-      float* oh = O + (d * H + h) * HD;
-      const float inv = denom > 0.f ? 1.f / denom : 0.f;
-      for (int64_t i = 0; i < HD; ++i) oh[i] = acc[i] * inv;
+      for (int64_t p = 0; p < n; ++p) {  // acc[h] += w[h, p] * v_p
+        const float* vp = V + (sd[lo + p] * KVH + g0) * HD;
+        for (int64_t h = 0; h < nh; ++h) {
+          const float* vh = vp + (h / group) * HD;
+          float* ah = acc.data() + h * HD;
+          const float wp = w[h * n + p];
+          #pragma omp simd
+          for (int64_t i = 0; i < HD; ++i) ah[i] += wp * vh[i];
+        }
+      }
+      std::copy(acc.begin(), acc.end(), od);
     }
   });
 }
@@ -303,7 +328,7 @@ def kernel():
                 from torch.utils.cpp_extension import load_inline
 
                 log.info("building the CPU kernels (once per machine, about a minute)...")
-                _module = load_inline(name="aspen_cpu_kernels_v4", cpp_sources=_SOURCE,
+                _module = load_inline(name="aspen_cpu_kernels_v5", cpp_sources=_SOURCE,
                                       functions=["bgmv_add", "paged_decode_attention", "dropout_apply"],
                                       extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"], verbose=False)
