@@ -7,24 +7,26 @@ from aspen.train import loss
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 23, 3 * 50])  # one chunk; chunks of 3 rows (last one short)
-def test_token_nll_matches_cross_entropy_and_its_gradient(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: softmax over the logits buffer
+def test_token_nll_matches_cross_entropy_and_its_gradient(monkeypatch, chunk_elements, dtype):
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(11, 16, generator=g, dtype=torch.float64)
     weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
     targets = torch.randint(0, 50, (11,), generator=g)
     upstream = torch.rand(11, generator=g, dtype=torch.float64)  # per-token loss weights, as the trainer's
 
-    h1 = hidden.clone().requires_grad_(True)
-    ours = loss.token_nll(h1, weight, targets)
+    h1 = hidden.to(dtype, copy=True).requires_grad_(True)
+    ours = loss.token_nll(h1, weight.to(dtype), targets)
     (ours.double() * upstream).sum().backward()
     h2 = hidden.clone().requires_grad_(True)
     ref = F.cross_entropy(h2 @ weight.t(), targets, reduction="none")
     (ref * upstream).sum().backward()
 
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)  # softmax in float32
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-5, atol=tol)  # softmax in float32
 
 
 def test_token_nll_without_grad_and_with_a_trainable_head():
