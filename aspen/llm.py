@@ -50,10 +50,23 @@ class LanguageModel:
         self.quantize = quantize
         self.device = device
         self.adapters: dict[str, object] = {}  # adapter id -> aspen.peft_io.LoraAdapter (registered for score)
+        self.packed = False  # weights in MKL's packed layout (inference only; see pack_for_inference)
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def pack_for_inference(self) -> int:
+        """Hold the float32 CPU projections and LM head in MKL's packed GEMM layout (``aspen.packed_linear``):
+        faster decode steps, same memory; irreversible — the model can no longer be trained. Returns how many
+        layers were packed (0 on other devices, dtypes, quantized models or without MKL)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return 0
+        from aspen.packed_linear import pack_model
+
+        n = pack_model(self.model)
+        self.packed = self.packed or n > 0
+        return n
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)

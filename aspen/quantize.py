@@ -60,7 +60,8 @@ def quantize_model(model: DecoderModel, quantize: str | None) -> DecoderModel:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (quantized storage counted as stored)."""
+    """Bytes held by the model's parameters and buffers (quantized storage counted as stored, and the weights of
+    layers packed for the CPU GEMM, ``aspen.packed_linear``, as the bytes their packed copy holds)."""
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -69,6 +70,7 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()
     for m in model.modules():
+        total += getattr(m, "weight_nbytes", 0)  # PackedLinear: its weight lives in the packed copy
         state = getattr(getattr(m, "weight", None), "quant_state", None)
         if state is not None and getattr(state, "absmax", None) is not None:
             total += state.absmax.numel() * state.absmax.element_size()

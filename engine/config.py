@@ -27,6 +27,9 @@ class EngineConfig:
     # with many distinct adapters reads (the LoRA math stays in the model's dtype; the weights are rounded)
     adapter_dtype: str = "auto"
     seed: int | None = None  # seed of the sampler's shared generator (unseeded requests)
+    # float32 on the CPU: hold the weights in MKL's packed GEMM layout (aspen.packed_linear), ~25% faster
+    # projections at decode batch sizes, same memory; no effect on other devices, dtypes or quantized models
+    packed_gemm: bool = True
 
     def __post_init__(self) -> None:
         positive = ["block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "lora_pool_bytes",
@@ -42,5 +45,7 @@ class EngineConfig:
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"EngineConfig.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
                              f"got {self.adapter_dtype!r}")
+        if not isinstance(self.packed_gemm, bool):
+            raise TypeError(f"EngineConfig.packed_gemm must be a bool, got {self.packed_gemm!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"EngineConfig.max_waiting must be an int >= 0, got {self.max_waiting!r}")

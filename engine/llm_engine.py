@@ -60,6 +60,9 @@ class LLMEngine:
 
             model = ensure_demo_base()
         self.model = aspen.load_model(model, dtype=dtype, quantize=quantize, device=device, progress=progress)
+        if cfg.packed_gemm:
+            packed = self.model.pack_for_inference()
+            log.info("packed GEMM: %d weight matrices packed", packed)
         self.tokenizer = self.model.tokenizer
         mc = self.model.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -78,6 +78,9 @@ class Trainer:
 
     def __init__(self, lm, config: TrainConfig, *, progress: bool = True, resume: bool = False,
                  on_saved: Callable[[str, str], None] | None = None) -> None:
+        if getattr(lm, "packed", False):
+            raise ValueError("Trainer: this model's weights were packed for inference (pack_for_inference); "
+                             "load a fresh one to train")
         self.lm, self.model, self.config = lm, lm.model, config
         self.model.requires_grad_(False)  # the base is frozen: autograd reaches only the adapters' A and B
         self.progress, self.on_saved = progress, on_saved

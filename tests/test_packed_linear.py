@@ -1,0 +1,68 @@
+"""Weights packed for MKL's GEMM: same outputs as the plain layers, inference only."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import aspen
+from aspen.packed_linear import PackedLinear, kernel, pack_model
+from aspen.quantize import weight_bytes
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(rows, bias):
+    """Any row count (the packing is tuned for 64), 2-D and 3-D inputs, with and without bias."""
+    assert kernel() is not None, "the packed-GEMM extension failed to build"
+    g = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 200, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(200, 96, generator=g))
+        if bias:
+            linear.bias.copy_(torch.randn(200, generator=g))
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, 96, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-4)
+        x3 = torch.randn(2, rows, 96, generator=g)
+        torch.testing.assert_close(packed(x3), linear(x3), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_linear_refuses_autograd_and_other_dtypes():
+    packed = PackedLinear(nn.Linear(8, 4))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        packed(torch.randn(3, 8, requires_grad=True))
+    with pytest.raises(ValueError, match="float32 CPU input"):
+        packed(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32 CPU weight"):
+        PackedLinear(nn.Linear(8, 4).double())
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("llama", {"tie_word_embeddings": True})])
+def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, overrides):
+    """Every projection and the head are packed (q/k/v biases, a head tied to the embeddings); the paged
+    prefill + decode logits still match transformers; training the packed model is refused."""
+    from aspen.train.config import parse_config
+    from aspen.train.trainer import Trainer
+    from tests.tiny_models import hf_model, make_checkpoint
+
+    path = make_checkpoint(str(tmp_path / "ckpt"), family, **overrides)
+    packed = aspen.load_model(path, progress=False)
+    plain_bytes = weight_bytes(packed.model)
+    assert packed.pack_for_inference() == 4 * packed.config.num_hidden_layers + 1
+    assert not any(type(m) is nn.Linear for m in packed.model.modules())
+    # the packed copies count as the weights they hold; a tied head's packed copy comes on top of the embeddings
+    head = packed.config.vocab_size * packed.config.hidden_size * 4
+    assert weight_bytes(packed.model) == plain_bytes + (head if overrides.get("tie_word_embeddings") else 0)
+    ids = torch.randint(4, 320, (45,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = packed.score(ids, block_size=8)
+    with torch.inference_mode():
+        ref = hf_model(path)(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+    assert pack_model(packed.model) == 0  # nothing left to pack
+    with pytest.raises(ValueError, match="packed for inference"):
+        Trainer(packed, parse_config({"output_dir": "/tmp/unused", "adapters": [
+            {"name": "a", "data": "unused.json", "r": 4, "max_steps": 1}]}), progress=False)
