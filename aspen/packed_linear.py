@@ -6,7 +6,8 @@ over all of them took 43 ms for 8 rows and 51 ms for 32 on this project's 2-core
 weights were packed once beforehand (``cblas_sgemm_pack``) and multiplied with ``cblas_sgemm_compute``; from a few
 hundred rows up (prefill) both run at the same speed. The packed copy replaces the weight — the layer keeps no
 other — so memory stays the same (MKL reserves more address space for it than it writes; the resident size is the
-weight's).
+weight's), except for a head tied to the embeddings: the embedding lookup keeps the original, the packed head
+comes on top.
 
 Packing is an explicit, irreversible choice for serving (:meth:`aspen.llm.LanguageModel.pack_for_inference`,
 ``EngineConfig.packed_gemm``): a packed layer has no ``weight`` to train, quantize or save and refuses autograd.
