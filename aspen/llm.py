@@ -59,7 +59,7 @@ class LanguageModel:
     def pack_for_inference(self) -> int:
         """Hold the float32 CPU projections and LM head in MKL's packed GEMM layout (``aspen.packed_linear``):
         faster decode steps, same memory; irreversible — the model can no longer be trained. Returns how many
-        layers were packed (0 on other devices, dtypes, quantized models or without MKL)."""
+        layers were packed (0 on other devices or dtypes, or without MKL; a quantized model's LM head only)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return 0
         from aspen.packed_linear import pack_model

@@ -28,7 +28,8 @@ class EngineConfig:
     adapter_dtype: str = "auto"
     seed: int | None = None  # seed of the sampler's shared generator (unseeded requests)
     # float32 on the CPU: hold the weights in MKL's packed GEMM layout (aspen.packed_linear), ~25% faster
-    # projections at decode batch sizes, same memory; no effect on other devices, dtypes or quantized models
+    # projections at decode batch sizes, same memory; no effect on other devices or dtypes (quantized models:
+    # the float32 LM head only)
     packed_gemm: bool = True
 
     def __post_init__(self) -> None:
