@@ -58,3 +58,21 @@ def test_serve_adapter_dtype_flag_reaches_the_engine_config():
     assert EngineConfig(**opts.engine_options).adapter_dtype == "bfloat16"
     default = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
     assert EngineConfig(**default.engine_options).adapter_dtype == "auto"
+
+
+def test_serve_no_packed_gemm_flag_reaches_the_engine_config():
+    import argparse
+
+    import pytest
+
+    from engine import serve_command
+    from engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    opts = serve_command.options_from_args(parser.parse_args(["--model", "m", "--no-packed-gemm"]))
+    assert EngineConfig(**opts.engine_options).packed_gemm is False
+    default = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
+    assert EngineConfig(**default.engine_options).packed_gemm is True
+    with pytest.raises(TypeError, match="packed_gemm must be a bool"):
+        EngineConfig(packed_gemm="yes")
