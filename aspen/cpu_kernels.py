@@ -26,13 +26,9 @@ extension cache (about a minute, once per machine). If it cannot be built (no co
 """
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 
-log = logging.getLogger("aspen.kernels")
+from aspen.extension import LazyExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -309,33 +305,13 @@ void dropout_apply(torch::Tensor out, torch::Tensor x, torch::Tensor acc, int64_
 """
 
 POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # pool storage the BGMV kernel reads (fp32 math)
-_module = None
-_failed = False
-_lock = threading.Lock()
+_EXTENSION = LazyExtension("aspen_cpu_kernels_v5", _SOURCE, ["bgmv_add", "paged_decode_attention", "dropout_apply"],
+                           "CPU kernels", cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"])
 
 
 def kernel():
     """The compiled module, or None when unavailable (then callers use the torch path)."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    if os.environ.get("ASPEN_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
-        _failed = True
-        return None
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                log.info("building the CPU kernels (once per machine, about a minute)...")
-                _module = load_inline(name="aspen_cpu_kernels_v5", cpp_sources=_SOURCE,
-                                      functions=["bgmv_add", "paged_decode_attention", "dropout_apply"],
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                      extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # noqa: BLE001 -- no compiler / headers: the torch path still works
-                log.warning("CPU kernels unavailable (%s); using the torch paths", e)
-                _failed = True
-    return _module
+    return _EXTENSION.get()
 
 
 def bgmv_add(y: torch.Tensor, x: torch.Tensor, pool_layer: torch.Tensor, tok: torch.Tensor, rows: torch.Tensor,

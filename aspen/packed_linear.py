@@ -17,14 +17,10 @@ small extension cannot be compiled, layers stay as they are. The extension calls
 """
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
 import torch
 from torch import nn
 
-log = logging.getLogger("aspen.kernels")
+from aspen.extension import LazyExtension
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -65,33 +61,13 @@ void packed_linear(torch::Tensor out, torch::Tensor x, torch::Tensor packed) {
 
 #: rows the packing is tuned for (MKL's hint; any row count can be multiplied): a full decode batch
 ROWS_HINT = 64
-_module = None
-_failed = False
-_lock = threading.Lock()
+_EXTENSION = LazyExtension("aspen_packed_gemm_v1", _SOURCE, ["pack_weight", "packed_linear"], "packed-GEMM extension",
+                           available=torch.backends.mkl.is_available)
 
 
 def kernel():
     """The compiled extension, or None where MKL's packed GEMM is not available."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    if os.environ.get("ASPEN_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off") or \
-            not torch.backends.mkl.is_available():
-        _failed = True
-        return None
-    with _lock:
-        if _module is None and not _failed:
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                log.info("building the packed-GEMM extension (once per machine)...")
-                _module = load_inline(name="aspen_packed_gemm_v1", cpp_sources=_SOURCE,
-                                      functions=["pack_weight", "packed_linear"], extra_cflags=["-O2"],
-                                      verbose=False)
-            except Exception as e:  # noqa: BLE001 -- no compiler, or a torch without MKL's symbols
-                log.warning("packed GEMM unavailable (%s); keeping the plain linear layers", e)
-                _failed = True
-    return _module
+    return _EXTENSION.get()
 
 
 class PackedLinear(nn.Module):
@@ -118,7 +94,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
         if x2.shape[0]:
-            _module.packed_linear(out, x2, self._packed)
+            kernel().packed_linear(out, x2, self._packed)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

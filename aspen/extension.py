@@ -1,0 +1,45 @@
+"""A C++ extension compiled on first use (``torch.utils.cpp_extension.load_inline``, into torch's extension cache,
+so once per machine), or None where it cannot be built: callers then keep their pure-torch paths.
+
+``ASPEN_CPU_KERNELS=0`` (or false/no/off) turns every extension off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("aspen.kernels")
+
+
+class LazyExtension:
+    def __init__(self, name: str, source: str, functions: Sequence[str], what: str,
+                 cflags: Sequence[str] = ("-O2",), ldflags: Sequence[str] = (),
+                 available: Callable[[], bool] = lambda: True) -> None:
+        self.name, self.source, self.functions, self.what = name, source, list(functions), what
+        self.cflags, self.ldflags, self.available = list(cflags), list(ldflags), available
+        self._module = None
+        self._failed = False
+        self._lock = threading.Lock()
+
+    def get(self):
+        """The compiled module, or None when it is turned off, not applicable here or failed to build."""
+        if self._module is not None or self._failed:
+            return self._module
+        if os.environ.get("ASPEN_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off") or not self.available():
+            self._failed = True
+            return None
+        with self._lock:
+            if self._module is None and not self._failed:
+                try:
+                    from torch.utils.cpp_extension import load_inline
+
+                    log.info("building the %s (once per machine)...", self.what)
+                    self._module = load_inline(name=self.name, cpp_sources=self.source, functions=self.functions,
+                                               extra_cflags=self.cflags, extra_ldflags=self.ldflags,
+                                               verbose=False)
+                except Exception as e:  # noqa: BLE001 -- no compiler, headers or symbols: the torch path still works
+                    log.warning("%s unavailable (%s); using the torch paths", self.what, e)
+                    self._failed = True
+        return self._module
