@@ -3,9 +3,9 @@
 Training only ever needs the NLL of the *label* tokens and, for the backward pass, its gradient with respect to
 the final hidden states (the head is frozen). :class:`LinearCrossEntropy` computes both in one pass over row
 chunks of ``[chunk, vocab]`` logits: per chunk the log-softmax is written over the logits, the NLL is minus
-each row's target entry, and ``(softmax - onehot) @ W`` is kept as the hidden-state gradient. The full ``[tokens, vocab]`` logits, their
-log-softmax and its gradient are never held at once (for 2,000 tokens of a 32k vocabulary that is three 256 MB
-tensors less at the peak), and the backward pass is one multiply.
+each row's target entry, and ``(softmax - onehot) @ W`` is kept as the hidden-state gradient. The full
+``[tokens, vocab]`` logits, their log-softmax and its gradient are never held at once (for 2,000 tokens of a 32k
+vocabulary that is three 256 MB tensors less at the peak), and the backward pass is one multiply.
 """
 from __future__ import annotations
 
