@@ -97,12 +97,13 @@ def cache_metrics(metrics_port: int) -> dict:
 class Server:
     """An ``aspen serve`` subprocess on a free loopback port; stopped with SIGTERM."""
 
-    def __init__(self, model: str, adapter_dir: str, device: str, pool_mb: int, max_num_seqs: int) -> None:
+    def __init__(self, model: str, adapter_dir: str, device: str, pool_mb: int, max_num_seqs: int,
+                 extra: tuple[str, ...] = ()) -> None:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- the server's log for its lifetime; see stop()
             "w+", prefix="aspen-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "aspen.cli", "serve", "--model", model, "--adapter-dir", adapter_dir,
                "--port", "0", "--metrics-port", "0", "--device", device, "--lora-pool-mb", str(pool_mb),
-               "--max-num-seqs", str(max_num_seqs), "--grace-period", "5"]
+               "--max-num-seqs", str(max_num_seqs), "--grace-period", "5", *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline, match = time.monotonic() + 180, None
         while match is None and time.monotonic() < deadline and self.proc.poll() is None:
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slices", type=int, default=None, help="interleave the runs in this many slices of "
                     "consecutive requests (default 10; tiny 2; 1 = one run after another)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-packed-gemm", action="store_true",
+                    help="servers keep the plain weight layout (default: packed, as `aspen serve` does)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plots-dir", default=None, help="where the load tester writes its report and CDF plot "
                     "(default: next to --out)")
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
         from clients.client import AspenClient
 
         for label, alpha in configs:  # every server up (idle) before any is measured
-            servers[label] = server = Server(model, root, args.device, pool_mb, args.max_num_seqs)
+            servers[label] = server = Server(model, root, args.device, pool_mb, args.max_num_seqs,
+                                                   ("--no-packed-gemm",) if args.no_packed_gemm else ())
             with AspenClient(server.address, timeout=60) as c:
                 capacity = c.model_info().adapter_cache_device_pages
                 for _ in range(2):
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_cache_adapters_requested": cache, "lora_pool_mb": pool_mb, "device_pool_pages": capacity,
         "device_cache_adapters": None if capacity is None else capacity // ppa,
         "requests_per_run": n_req, "slices": args.slices, "offered_rate": rate, "input_len": in_len, "output_len": out_len,
-        "max_num_seqs": args.max_num_seqs,
+        "max_num_seqs": args.max_num_seqs, "packed_gemm": not args.no_packed_gemm,
         "load_ms_warm_page_cache": ms_stats(warm), "load_ms_cold": ms_stats(cold),
         "load_target_ms": 10.0, "meets_load_target": cold_median <= 10.0,
         "runs": {label: {"ttft_p50_ms": _ms(s["ttft"]["p50"]), "ttft_p99_ms": _ms(s["ttft"]["p99"]),
