@@ -75,15 +75,15 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        mod = kernel()
-        if mod is None:
+        self._mod = kernel()
+        if self._mod is None:
             raise RuntimeError("PackedLinear: MKL's packed GEMM is not available in this torch build")
         w = linear.weight.detach()
         if w.device.type != "cpu" or w.dtype != torch.float32:
             raise ValueError(f"PackedLinear: a float32 CPU weight expected, got {w.dtype} on {w.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_nbytes = w.numel() * w.element_size()  # what the packed copy holds (resident bytes)
-        self._packed = mod.pack_weight(w.contiguous(), ROWS_HINT)  # not a buffer: never moved, saved or cast
+        self._packed = self._mod.pack_weight(w.contiguous(), ROWS_HINT)  # not a buffer: never moved, saved or cast
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
         if x2.shape[0]:
-            kernel().packed_linear(out, x2, self._packed)
+            self._mod.packed_linear(out, x2, self._packed)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

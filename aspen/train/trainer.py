@@ -78,7 +78,7 @@ class Trainer:
 
     def __init__(self, lm, config: TrainConfig, *, progress: bool = True, resume: bool = False,
                  on_saved: Callable[[str, str], None] | None = None) -> None:
-        if getattr(lm, "packed", False):
+        if lm.packed:
             raise ValueError("Trainer: this model's weights were packed for inference (pack_for_inference); "
                              "load a fresh one to train")
         self.lm, self.model, self.config = lm, lm.model, config
