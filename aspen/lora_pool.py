@@ -26,6 +26,7 @@ from functools import cached_property
 
 import torch
 
+from aspen.adapter_kernels import write_rows_kernel
 from aspen.config import LORA_TARGETS, ModelConfig
 from aspen.model import GROUPS
 
@@ -113,8 +114,12 @@ class LoraPool:
         for m in LORA_TARGETS:
             if m in ranks:
                 module_rows[m] = [next(it) for _ in range(ranks[m])]
-        for m, m_rows in module_rows.items():
-            self._write_module(adapter, m, m_rows)
+        write_rows = write_rows_kernel(self.data, [t for w in adapter.weights.values() for t in (w.A, w.B)])
+        if write_rows is not None:  # one call, GIL released (see aspen.adapter_kernels)
+            write_rows(self.data, *self._kernel_entries(adapter, module_rows))
+        else:
+            for m, m_rows in module_rows.items():
+                self._write_module(adapter, m, m_rows)
         groups = {}
         for g, members in GROUPS.items():
             targeted = [m for m in members if m in module_rows]
@@ -130,6 +135,27 @@ class LoraPool:
             groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device), tuple(g_rows),
                                     self.config.module_shape(members[0])[0], tuple(parts))
         return PooledAdapter(tuple(pages), groups, max(ranks.values()))
+
+    def _kernel_entries(self, adapter, module_rows: dict[str, list[int]]) -> tuple[list, list, list, list, list]:
+        """``write_lora_rows``'s arguments: per targeted projection and layer, its rows, A, B and scale (a layer
+        the adapter skips gets empty A and B, so its rows are zeroed)."""
+        layers, rows, As, Bs, scales = [], [], [], [], []
+        for m, m_rows in module_rows.items():
+            in_f, out_f = self.config.module_shape(m)
+            index = torch.tensor(m_rows, dtype=torch.long)
+            for layer in range(self.config.num_hidden_layers):
+                w = adapter.weights.get((layer, m))
+                layers.append(layer)
+                rows.append(index)
+                if w is None:
+                    As.append(torch.zeros(0, in_f))
+                    Bs.append(torch.zeros(out_f, 0))
+                    scales.append(0.0)
+                else:
+                    As.append(w.A)
+                    Bs.append(w.B)
+                    scales.append(w.scale)
+        return layers, rows, As, Bs, scales
 
     def _write_module(self, adapter, module: str, rows: list[int]) -> None:
         """Write projection ``module`` of every layer into pool rows ``rows`` (one page per rank row).

@@ -31,6 +31,7 @@ from types import MappingProxyType
 
 import torch
 
+from aspen.adapter_kernels import all_finite
 from aspen.config import LORA_TARGETS, ModelConfig
 from aspen.errors import AdapterError
 from aspen.peft_config import (
@@ -175,13 +176,13 @@ def _module_tensors(tensors: Mapping[str, torch.Tensor], where: str, num_layers:
     seen: dict[tuple[int, str, str], str] = {}
     extra: list[str] = []
     for key, t in tensors.items():
-        for pat, what in _UNSUPPORTED_KEYS:
-            if pat.search(key):
-                bad = [k for k in tensors if pat.search(k)]
-                raise AdapterError(f"{where}: contains {what}, which is not supported: {_list_keys(bad)}")
         m = _KEY.match(key)
         if m is None or m.group(3) not in LORA_TARGETS or (m.group(2) == "self_attn") != (
                 m.group(3) in LORA_TARGETS[:4]):
+            for pat, what in _UNSUPPORTED_KEYS:  # only keys that are not LoRA A/B weights can be these
+                if pat.search(key):
+                    bad = [k for k in tensors if pat.search(k)]
+                    raise AdapterError(f"{where}: contains {what}, which is not supported: {_list_keys(bad)}")
             extra.append(key)
             continue
         layer, proj, kind = int(m.group(1)), m.group(3), m.group(4)
@@ -225,14 +226,18 @@ def _check_module(A: torch.Tensor, B: torch.Tensor, name: str, where: str, shape
                            f"[{out_f}, {B.shape[1]}]")
     elif A.shape[0] != B.shape[1] or A.shape[0] == 0:
         raise AdapterError(f"{where}: lora_A of {short} has rank {A.shape[0]} but lora_B has rank {B.shape[1]}")
-    A = A.to(torch.float32).contiguous()
-    B = B.to(torch.float32).contiguous()
-    for kind, t in (("lora_A", A), ("lora_B", B)):
-        # a NaN or Inf anywhere makes the sum non-finite (a sum is ~10x cheaper than isfinite); only then is
-        # the exact check needed, to tell a real NaN/Inf from a sum of huge finite values overflowing
-        if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
-            raise AdapterError(f"{where}: {kind} of {short} contains NaN or Inf values")
-    return A, B
+    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()
+
+
+def _check_finite(weights: Mapping[tuple[int, str], LoraWeights], where: str) -> None:
+    """Refuse NaN/Inf anywhere: one check over all tensors, then, only on failure, the search for the culprit."""
+    if all_finite([t for w in weights.values() for t in (w.A, w.B)]):
+        return
+    for (layer, proj), w in sorted(weights.items(), key=lambda kv: _order(kv[0])):
+        for kind, t in (("lora_A", w.A), ("lora_B", w.B)):
+            if not all_finite([t]):
+                raise AdapterError(f"{where}: {kind} of {module_name(layer, proj).removeprefix('model.')} contains "
+                                   "NaN or Inf values")
 
 
 def load_peft_adapter(path: str, config: ModelConfig, *, allow_pickle: bool = False,
@@ -270,5 +275,6 @@ def load_peft_adapter(path: str, config: ModelConfig, *, allow_pickle: bool = Fa
             raise AdapterError(f"{where}: {name.removeprefix('model.')} has rank {rank} but {CONFIG_NAME} gives "
                                f"it r={cfg.rank_for(name)} (r / rank_pattern)")
         weights[layer, proj] = LoraWeights(A, B, cfg.scale_for(name, rank))
+    _check_finite(weights, where)
     return LoraAdapter(weights=weights, target_modules=tuple(sorted({p for _, p in weights})),
                        base_model_name_or_path=base, source=path)
