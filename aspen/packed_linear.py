@@ -36,22 +36,24 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 }
 enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
 
-// weight [N, K] (row-major, as nn.Linear stores it) packed as B = weight^T for C[M, N] = A[M, K] B
-torch::Tensor pack_weight(torch::Tensor weight, int64_t rows_hint) {
-  TORCH_CHECK(weight.scalar_type() == torch::kFloat && weight.dim() == 2 && weight.is_contiguous(),
-              "pack_weight: a contiguous 2-D float32 weight expected");
-  const int n = weight.size(0), k = weight.size(1);
+// B of C[M, N] = A[M, K] B, packed for any M: ``b`` is [N, K] with transposed (an nn.Linear weight: B = weight^T),
+// else [K, N]
+torch::Tensor pack_matrix(torch::Tensor b, bool transposed, int64_t rows_hint) {
+  TORCH_CHECK(b.scalar_type() == torch::kFloat && b.dim() == 2 && b.is_contiguous() && b.device().is_cpu(),
+              "pack_matrix: a contiguous 2-D float32 CPU matrix expected");
+  const int n = transposed ? b.size(0) : b.size(1), k = transposed ? b.size(1) : b.size(0);
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows_hint, n, k);
-  auto packed = torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, weight.options());
-  cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, rows_hint, n, k, 1.0f, weight.data_ptr<float>(), k,
-                   packed.data_ptr<float>());
+  auto packed = torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, b.options());
+  cblas_sgemm_pack(kRowMajor, kBMatrix, transposed ? kTrans : kNoTrans, rows_hint, n, k, 1.0f, b.data_ptr<float>(),
+                   b.size(1), packed.data_ptr<float>());
   return packed;
 }
 
-void packed_linear(torch::Tensor out, torch::Tensor x, torch::Tensor packed) {
+// out[M, N] = x[M, K] B with B packed by pack_matrix for this N and K (the caller keeps them paired)
+void packed_mm(torch::Tensor out, torch::Tensor x, torch::Tensor packed) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat && x.dim() == 2 &&
               out.dim() == 2 && x.is_contiguous() && out.is_contiguous() && out.size(0) == x.size(0),
-              "packed_linear: contiguous 2-D float32 x [M, K] and out [M, N] expected");
+              "packed_mm: contiguous 2-D float32 x [M, K] and out [M, N] expected");
   const int m = x.size(0), k = x.size(1), n = out.size(1);
   pybind11::gil_scoped_release no_gil;
   cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, x.data_ptr<float>(), k, packed.data_ptr<float>(), n,
@@ -61,7 +63,7 @@ void packed_linear(torch::Tensor out, torch::Tensor x, torch::Tensor packed) {
 
 #: rows the packing is tuned for (MKL's hint; any row count can be multiplied): a full decode batch
 ROWS_HINT = 64
-_EXTENSION = LazyExtension("aspen_packed_gemm_v1", _SOURCE, ["pack_weight", "packed_linear"], "packed-GEMM extension",
+_EXTENSION = LazyExtension("aspen_packed_gemm_v2", _SOURCE, ["pack_matrix", "packed_mm"], "packed-GEMM extension",
                            available=torch.backends.mkl.is_available)
 
 
@@ -70,20 +72,49 @@ def kernel():
     return _EXTENSION.get()
 
 
+class PackedMatrix:
+    """The right-hand side ``B`` [K, N] of ``x @ B``, held in MKL's packed layout (a copy: the source may change or
+    go). ``transposed``: ``matrix`` is ``B^T`` [N, K], as an ``nn.Linear`` weight is."""
+
+    def __init__(self, matrix: torch.Tensor, transposed: bool, rows_hint: int = ROWS_HINT) -> None:
+        mod = kernel()
+        if mod is None:
+            raise RuntimeError("PackedMatrix: MKL's packed GEMM is not available in this torch build")
+        if matrix.device.type != "cpu" or matrix.dtype != torch.float32 or matrix.dim() != 2:
+            raise ValueError(f"PackedMatrix: a 2-D float32 CPU matrix expected, got {matrix.dtype} "
+                             f"{list(matrix.shape)} on {matrix.device}")
+        self._mm = mod.packed_mm
+        n, k = matrix.shape if transposed else matrix.shape[::-1]
+        self.in_features, self.out_features = k, n
+        self.source_nbytes = matrix.numel() * matrix.element_size()  # what the packed copy holds (resident bytes)
+        self._packed = mod.pack_matrix(matrix.detach().contiguous(), transposed, rows_hint)
+
+    def mm(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ B`` for a 2-D float32 CPU ``x`` [M, K], into ``out`` [M, N] when given (contiguous)."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"PackedMatrix: float32 CPU input [M, {self.in_features}] expected, got {x.dtype} "
+                             f"{list(x.shape)} on {x.device}")
+        if out is None:
+            out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        elif out.shape != (x.shape[0], self.out_features) or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(f"PackedMatrix: out must be a contiguous float32 [{x.shape[0]}, {self.out_features}], got "
+                             f"{out.dtype} {list(out.shape)}")
+        if x.shape[0]:
+            self._mm(out, x.contiguous(), self._packed)
+        return out
+
+
 class PackedLinear(nn.Module):
     """``y = x @ W^T + b`` with ``W`` held only in MKL's packed layout. Inference only (no autograd)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self._mod = kernel()
-        if self._mod is None:
-            raise RuntimeError("PackedLinear: MKL's packed GEMM is not available in this torch build")
         w = linear.weight.detach()
         if w.device.type != "cpu" or w.dtype != torch.float32:
             raise ValueError(f"PackedLinear: a float32 CPU weight expected, got {w.dtype} on {w.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_nbytes = w.numel() * w.element_size()  # what the packed copy holds (resident bytes)
-        self._packed = self._mod.pack_weight(w.contiguous(), ROWS_HINT)  # not a buffer: never moved, saved or cast
+        self._packed = PackedMatrix(w, transposed=True)  # not a buffer: never moved, saved or cast
+        self.weight_nbytes = self._packed.source_nbytes
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +122,7 @@ class PackedLinear(nn.Module):
             raise RuntimeError("PackedLinear is inference-only: its input requires grad")
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise ValueError(f"PackedLinear: float32 CPU input expected, got {x.dtype} on {x.device}")
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)
-        if x2.shape[0]:
-            self._mod.packed_linear(out, x2, self._packed)
+        out = self._packed.mm(x.reshape(-1, self.in_features))
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import aspen
-from aspen.packed_linear import PackedLinear, kernel, pack_model
+from aspen.packed_linear import PackedLinear, PackedMatrix, kernel, pack_model
 from aspen.quantize import weight_bytes
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL")
@@ -29,6 +29,24 @@ def test_packed_linear_equals_linear(rows, bias):
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-4)
         x3 = torch.randn(2, rows, 96, generator=g)
         torch.testing.assert_close(packed(x3), linear(x3), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_packed_matrix_multiplies_like_mm_both_ways_and_checks_shapes(transposed):
+    g = torch.Generator().manual_seed(int(transposed))
+    m = torch.randn(70, 40, generator=g)
+    b = (m.t() if transposed else m).clone()  # B [K, N]
+    packed = PackedMatrix(m, transposed=transposed, rows_hint=7)
+    m.zero_()  # a copy: the source may change
+    x = torch.randn(9, b.shape[0], generator=g)
+    torch.testing.assert_close(packed.mm(x), x @ b, rtol=1e-5, atol=1e-4)
+    out = torch.full((9, b.shape[1]), float("nan"))
+    assert packed.mm(x, out) is out
+    torch.testing.assert_close(out, x @ b, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=rf"input \[M, {b.shape[0]}\]"):
+        packed.mm(torch.randn(9, b.shape[0] + 1))
+    with pytest.raises(ValueError, match="out must be"):
+        packed.mm(x, torch.empty(9, b.shape[1] + 1))
 
 
 def test_packed_linear_refuses_autograd_and_other_dtypes():

@@ -36,7 +36,7 @@ from aspen.errors import AspenError
 from aspen.lora_op import LoraBatch, Segment
 from aspen.train.config import AdapterSpec, TrainConfig, TrainConfigError
 from aspen.train.data import IGNORE, Example, dataset_key, load_dataset
-from aspen.train.loss import token_nll
+from aspen.train.loss import FrozenHead, token_nll
 from aspen.train.search import RULE, SuccessiveHalving
 from aspen.train.trainee import Trainee, lr_at  # noqa: F401 -- lr_at: part of this module's interface
 
@@ -83,6 +83,7 @@ class Trainer:
                              "load a fresh one to train")
         self.lm, self.model, self.config = lm, lm.model, config
         self.model.requires_grad_(False)  # the base is frozen: autograd reaches only the adapters' A and B
+        self.head = FrozenHead(self.model.lm_head.weight)  # packed once for the loss's two products (CPU fp32)
         self.progress, self.on_saved = progress, on_saved
         self.fused_steps, self.elapsed = 0, 0.0
         datasets: dict[tuple, tuple[list[Example], list[Example]]] = {}
@@ -208,7 +209,7 @@ class Trainer:
                           for (t, _), span in zip(items, spans)])
         hidden = self.model.final_hidden(batch, kv, lora)  # [T, hidden], every token
         # only the label tokens go through the head: chunked, never the whole [T, vocab] logits at once
-        nll = token_nll(hidden.index_select(0, labelled), self.model.lm_head.weight, targets)
+        nll = token_nll(hidden.index_select(0, labelled), self.head, targets)
         counts = [sum(ex.num_targets for ex in examples) for _, examples in items]
         sums = torch.stack([part.sum() for part in nll.split(counts)])
         return sums, counts
