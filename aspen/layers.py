@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from aspen.config import ModelConfig
+from aspen.fused_ops import rms_norm, rotary
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -59,6 +63,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [T, heads, hd]; rotate-half convention of the Hugging Face checkpoints (``x * cos + rotate_half(x) *
     sin``): each half is written straight into the output (no concatenated ``rotate_half`` copy), and under
     autograd the backward pass is the inverse rotation."""
+    fused = rotary(x, cos, sin)
+    if fused is not None:
+        return fused
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotary.apply(x, cos, sin)
     return _rotate(x, cos, sin, 1.0)

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aspen.attention import paged_attention
 from aspen.batch import FlatBatch
 from aspen.config import ModelConfig
+from aspen.fused_ops import swiglu
 from aspen.kv_cache import KVCache
 from aspen.layers import RMSNorm, Rotary, apply_rotary
 
@@ -96,8 +96,7 @@ class MLP(nn.Module):
         gu = self.gate_up_proj(x)
         if lora is not None:
             gu = lora.apply(self.layer, "gate_up_proj", x, gu)
-        gate, up = gu.split(self.inter, dim=-1)
-        h = F.silu(gate) * up
+        h = swiglu(gu)  # silu(gate) * up
         y = self.down_proj(h)
         if lora is not None:
             y = lora.apply(self.layer, "down_proj", h, y)
