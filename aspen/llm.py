@@ -9,6 +9,7 @@ import torch
 from aspen.batch import LOGITS_ALL, FlatBatch, SeqChunk
 from aspen.config import ModelConfig
 from aspen.errors import CheckpointError
+from aspen.extension import build_now
 from aspen.kv_cache import KVCache
 from aspen.loader import build_model
 from aspen.lora_op import LoraBatch
@@ -67,6 +68,19 @@ class LanguageModel:
         n = pack_model(self.model)
         self.packed = self.packed or n > 0
         return n
+
+    def build_kernels(self, packed_gemm: bool = True) -> dict[str, bool]:
+        """Compile now the C++ extensions this model's CPU paths use (in parallel; cached once per machine), so
+        that no request or training step pays for it. Returns {extension: available}. On other devices only the
+        adapter-loading kernels apply (adapters are validated on the host)."""
+        from aspen import adapter_kernels, cpu_kernels, fused_ops, packed_linear
+
+        wanted = [adapter_kernels._EXTENSION]
+        if self.device.type == "cpu":
+            wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION]
+            if packed_gemm and self.dtype == torch.float32:
+                wanted.append(packed_linear._EXTENSION)
+        return build_now(wanted)
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)

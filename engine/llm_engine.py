@@ -60,6 +60,7 @@ class LLMEngine:
 
             model = ensure_demo_base()
         self.model = aspen.load_model(model, dtype=dtype, quantize=quantize, device=device, progress=progress)
+        self.kernels = self.model.build_kernels(cfg.packed_gemm)  # compiled before the first request, not in it
         if cfg.packed_gemm:
             packed = self.model.pack_for_inference()
             log.info("packed GEMM: %d weight matrices packed", packed)

@@ -83,6 +83,7 @@ class Trainer:
                              "load a fresh one to train")
         self.lm, self.model, self.config = lm, lm.model, config
         self.model.requires_grad_(False)  # the base is frozen: autograd reaches only the adapters' A and B
+        lm.build_kernels()  # compiled before the first step (the LM head below is packed for the loss)
         self.head = FrozenHead(self.model.lm_head.weight)  # packed once for the loss's two products (CPU fp32)
         self.progress, self.on_saved = progress, on_saved
         self.fused_steps, self.elapsed = 0, 0.0
