@@ -34,12 +34,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import Counter, OrderedDict, defaultdict
-from dataclasses import dataclass, field, fields
-from types import MappingProxyType
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from aspen.errors import AdapterError, AdapterNotFoundError
+from engine.adapter_cache_counters import CacheCounters
 from engine.adapter_cache_types import (  # noqa: F401 -- re-exported: the cache's interface
     AcquireResult,
     AdapterBackend,
@@ -84,9 +84,7 @@ class AdapterCache:
         self._host_lru: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._device_lru: OrderedDict[str, None] = OrderedDict()
         self._bytes_host = 0
-        self._load_seconds = 0.0
-        self._counts: Counter[str] = Counter()
-        self._per: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self._counters = CacheCounters()
 
     # ---- registration -------------------------------------------------------------------
     def register(self, adapter_id: str, path: str | None = None) -> int:
@@ -148,14 +146,13 @@ class AdapterCache:
             entry = self._lookup(adapter_id)
             status = self._make_resident(entry, keep_host_when_full=False)
             if status is CacheStatus.CACHE_FULL:
-                self._counts["cache_full"] += 1
+                self._counters.count("cache_full")
                 return AcquireResult(adapter_id, status, None, entry.generation)
             entry.pins += 1
             if status is CacheStatus.HIT:
-                self._counts["hits"] += 1
-                self._per[adapter_id]["hits"] += 1
+                self._counters.count("hits", adapter_id)
             else:
-                self._counts["misses"] += 1
+                self._counters.count("misses")
             return AcquireResult(adapter_id, status, entry.device, entry.generation)
 
     def release(self, adapter_id: str) -> None:
@@ -179,7 +176,7 @@ class AdapterCache:
         with self._lock:
             entry = self._lookup(adapter_id)
             if request:
-                self._counts["request_hits" if entry.device is not None else "request_misses"] += 1
+                self._counters.count("request_hits" if entry.device is not None else "request_misses")
             if entry.device is not None or entry.host is not None:
                 return self._make_resident(entry, keep_host_when_full=True)
             if self._full_before_read(entry, keep_host_when_full=True):
@@ -187,7 +184,7 @@ class AdapterCache:
             path, generation = entry.path, entry.generation
         host, seconds = self._read_host(adapter_id, path)  # unlocked (unless the caller holds the lock)
         with self._lock:
-            self._load_seconds += seconds
+            self._counters.load_seconds += seconds
             current = self._entries.get(adapter_id)
             if (current is entry and entry.generation == generation and entry.host is None
                     and entry.device is None):
@@ -256,18 +253,9 @@ class AdapterCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            names = [f.name for f in fields(AdapterCounters)]
-            per = {aid: AdapterCounters(**{n: c[n] for n in names}) for aid, c in self._per.items()}
-            c = self._counts
-            return CacheStats(
-                hits=c["hits"], misses=c["misses"], request_hits=c["request_hits"],
-                request_misses=c["request_misses"], cache_full=c["cache_full"],
-                load_failures=c["load_failures"], loads=c["loads"], device_loads=c["device_loads"],
-                evictions_host=c["evictions_host"], evictions_device=c["evictions_device"],
-                load_seconds=self._load_seconds, bytes_host=self._bytes_host,
-                pages_device=self._alloc.num_used, host_budget_bytes=self._host_budget,
-                num_device_pages=self._alloc.num_pages, per_adapter=MappingProxyType(per),
-            )
+            return self._counters.snapshot(bytes_host=self._bytes_host, pages_device=self._alloc.num_used,
+                                           host_budget_bytes=self._host_budget,
+                                           num_device_pages=self._alloc.num_pages)
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` on any inconsistency between tiers, pages, bytes and pins."""
@@ -328,7 +316,7 @@ class AdapterCache:
 
     def _load_host(self, entry: _Entry) -> Any:
         host, seconds = self._read_host(entry.adapter_id, entry.path)
-        self._load_seconds += seconds
+        self._counters.load_seconds += seconds
         self._accept_host(entry, host)
         return host
 
@@ -342,8 +330,8 @@ class AdapterCache:
             return self._backend.load_host(adapter_id, path), time.perf_counter() - t0
         except BaseException:
             with self._lock:
-                self._counts["load_failures"] += 1
-                self._load_seconds += time.perf_counter() - t0
+                self._counters.count("load_failures")
+                self._counters.load_seconds += time.perf_counter() - t0
             raise
 
     def _accept_host(self, entry: _Entry, host: Any) -> None:
@@ -351,11 +339,10 @@ class AdapterCache:
         try:
             self._check_sizes(entry.adapter_id, host.nbytes, host.num_pages)
         except AdapterError:
-            self._counts["load_failures"] += 1
+            self._counters.count("load_failures")
             raise
         entry.nbytes, entry.num_pages = host.nbytes, host.num_pages
-        self._counts["loads"] += 1
-        self._per[entry.adapter_id]["loads"] += 1
+        self._counters.count("loads", entry.adapter_id)
 
     def _load_device(self, entry: _Entry) -> None:
         need = entry.host.num_pages
@@ -373,15 +360,14 @@ class AdapterCache:
         except BaseException:
             self._alloc.free(pages)
             self._drop_host(entry, evicted=False)
-            self._counts["load_failures"] += 1
+            self._counters.count("load_failures")
             raise
         finally:
-            self._load_seconds += time.perf_counter() - t0
+            self._counters.load_seconds += time.perf_counter() - t0
         entry.device, entry.pages = dev, pages
         self._device_lru[entry.adapter_id] = None
         self._touch(entry)
-        self._counts["device_loads"] += 1
-        self._per[entry.adapter_id]["device_loads"] += 1
+        self._counters.count("device_loads", entry.adapter_id)
 
     def _insert_host(self, entry: _Entry, host: Any) -> bool:
         """Add ``host`` to the host tier, evicting LRU evictable copies; False if it cannot fit."""
@@ -444,8 +430,7 @@ class AdapterCache:
         del self._device_lru[entry.adapter_id]
         self._alloc.free(pages)
         if evicted:
-            self._counts["evictions_device"] += 1
-            self._per[entry.adapter_id]["evictions_device"] += 1
+            self._counters.count("evictions_device", entry.adapter_id)
         self._backend.release_device(dev)
 
     def _drop_host(self, entry: _Entry, *, evicted: bool) -> None:
@@ -455,5 +440,4 @@ class AdapterCache:
         entry.host = None
         del self._host_lru[entry.adapter_id]
         if evicted:
-            self._counts["evictions_host"] += 1
-            self._per[entry.adapter_id]["evictions_host"] += 1
+            self._counters.count("evictions_host", entry.adapter_id)

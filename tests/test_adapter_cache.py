@@ -552,3 +552,18 @@ def test_a_failed_unlocked_read_counts_and_leaves_nothing(tmp_path):
     assert cache.stats().load_failures == 1 and cache.tier("bad") == "disk"
     assert cache.stats().bytes_host == 0 and cache.stats().pages_device == 0
     cache.check_invariants()
+
+
+def test_counters_refuse_unknown_events_and_keep_per_adapter_counts_apart():
+    from engine.adapter_cache_counters import CacheCounters
+
+    c = CacheCounters()
+    c.count("hits", "a")
+    c.count("hits", "b")
+    c.count("misses", "a")  # counted in total only: not a per-adapter counter
+    c.load_seconds += 0.5
+    with pytest.raises(ValueError, match="unknown adapter cache event 'hit'"):
+        c.count("hit")
+    s = c.snapshot(bytes_host=3, pages_device=2, host_budget_bytes=10, num_device_pages=8)
+    assert (s.hits, s.misses, s.load_seconds, s.bytes_host, s.pages_device) == (2, 1, 0.5, 3, 2)
+    assert s.per_adapter["a"].hits == 1 and s.per_adapter["b"].hits == 1 and set(s.per_adapter) == {"a", "b"}
