@@ -30,45 +30,48 @@ _SOURCE = r"""
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kGrain = 16;  // rows per task
 
+// f(t) for every row t, rows split over ATen's thread pool
+template <typename F> void each_row(int64_t rows, const F& f) {
+  at::parallel_for(0, rows, kGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) f(t);
+  });
+}
+
 // out[t, j] = silu(g) * u with g = gu[t, j], u = gu[t, I + j]
 void swiglu_forward(torch::Tensor out, torch::Tensor gu) {
-  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  const int64_t I = gu.size(1) / 2;
   const float* src = gu.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* g = src + t * 2 * I;
-      const float* u = g + I;
-      float* o = dst + t * I;
-      for (int64_t j = 0; j < I; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), I - j);
-        const Vec gv = Vec::loadu(g + j, n);
-        ((gv / (Vec(1.f) + gv.neg().exp())) * Vec::loadu(u + j, n)).store(o + j, n);
-      }
+  each_row(gu.size(0), [&](int64_t t) {
+    const float* g = src + t * 2 * I;
+    const float* u = g + I;
+    float* o = dst + t * I;
+    for (int64_t j = 0; j < I; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), I - j);
+      const Vec gv = Vec::loadu(g + j, n);
+      ((gv / (Vec(1.f) + gv.neg().exp())) * Vec::loadu(u + j, n)).store(o + j, n);
     }
   });
 }
 
 // dgu[t, j] = dh * u * s * (1 + g * (1 - s)), dgu[t, I + j] = dh * g * s, with s = sigmoid(g)
 void swiglu_backward(torch::Tensor dgu, torch::Tensor dh, torch::Tensor gu) {
-  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  const int64_t I = gu.size(1) / 2;
   const float* src = gu.data_ptr<float>();
   const float* grad = dh.data_ptr<float>();
   float* dst = dgu.data_ptr<float>();
-  at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* g = src + t * 2 * I;
-      const float* u = g + I;
-      const float* d = grad + t * I;
-      float* dg = dst + t * 2 * I;
-      float* du = dg + I;
-      for (int64_t j = 0; j < I; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), I - j);
-        const Vec gv = Vec::loadu(g + j, n), dv = Vec::loadu(d + j, n);
-        const Vec s = Vec(1.f) / (Vec(1.f) + gv.neg().exp());
-        (dv * gv * s).store(du + j, n);
-        (dv * Vec::loadu(u + j, n) * s * (Vec(1.f) + gv * (Vec(1.f) - s))).store(dg + j, n);
-      }
+  each_row(gu.size(0), [&](int64_t t) {
+    const float* g = src + t * 2 * I;
+    const float* u = g + I;
+    const float* d = grad + t * I;
+    float* dg = dst + t * 2 * I;
+    float* du = dg + I;
+    for (int64_t j = 0; j < I; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), I - j);
+      const Vec gv = Vec::loadu(g + j, n), dv = Vec::loadu(d + j, n);
+      const Vec s = Vec(1.f) / (Vec(1.f) + gv.neg().exp());
+      (dv * gv * s).store(du + j, n);
+      (dv * Vec::loadu(u + j, n) * s * (Vec(1.f) + gv * (Vec(1.f) - s))).store(dg + j, n);
     }
   });
 }
@@ -89,16 +92,14 @@ void rms_norm_forward(torch::Tensor y, torch::Tensor rstd, torch::Tensor x, torc
   const float* ws = w.data_ptr<float>();
   float* ys = y.data_ptr<float>();
   float* rs = rstd.data_ptr<float>();
-  at::parallel_for(0, R, kGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xs + r * D;
-      float* yr = ys + r * D;
-      const float rv = 1.f / std::sqrt(sum_of_squares(xr, D) / D + static_cast<float>(eps));
-      rs[r] = rv;
-      for (int64_t j = 0; j < D; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), D - j);
-        (Vec::loadu(ws + j, n) * (Vec::loadu(xr + j, n) * Vec(rv))).store(yr + j, n);
-      }
+  each_row(R, [&](int64_t r) {
+    const float* xr = xs + r * D;
+    float* yr = ys + r * D;
+    const float rv = 1.f / std::sqrt(sum_of_squares(xr, D) / D + static_cast<float>(eps));
+    rs[r] = rv;
+    for (int64_t j = 0; j < D; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), D - j);
+      (Vec::loadu(ws + j, n) * (Vec::loadu(xr + j, n) * Vec(rv))).store(yr + j, n);
     }
   });
 }
@@ -111,22 +112,20 @@ void rms_norm_backward(torch::Tensor dx, torch::Tensor dy, torch::Tensor x, torc
   const float* ws = w.data_ptr<float>();
   const float* rs = rstd.data_ptr<float>();
   float* out = dx.data_ptr<float>();
-  at::parallel_for(0, R, kGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xs + r * D;
-      const float* dr = ds + r * D;
-      float* o = out + r * D;
-      Vec acc(0.f);
-      for (int64_t j = 0; j < D; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), D - j);
-        acc = at::vec::fmadd(Vec::loadu(ws + j, n) * Vec::loadu(dr + j, n), Vec::loadu(xr + j, n), acc);
-      }
-      const float dot = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-      const float rv = rs[r], c = rv * rv * rv * dot / D;
-      for (int64_t j = 0; j < D; j += Vec::size()) {
-        const int64_t n = std::min<int64_t>(Vec::size(), D - j);
-        (Vec(rv) * Vec::loadu(ws + j, n) * Vec::loadu(dr + j, n) - Vec::loadu(xr + j, n) * Vec(c)).store(o + j, n);
-      }
+  each_row(R, [&](int64_t r) {
+    const float* xr = xs + r * D;
+    const float* dr = ds + r * D;
+    float* o = out + r * D;
+    Vec acc(0.f);
+    for (int64_t j = 0; j < D; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), D - j);
+      acc = at::vec::fmadd(Vec::loadu(ws + j, n) * Vec::loadu(dr + j, n), Vec::loadu(xr + j, n), acc);
+    }
+    const float dot = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+    const float rv = rs[r], c = rv * rv * rv * dot / D;
+    for (int64_t j = 0; j < D; j += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), D - j);
+      (Vec(rv) * Vec::loadu(ws + j, n) * Vec::loadu(dr + j, n) - Vec::loadu(xr + j, n) * Vec(c)).store(o + j, n);
     }
   });
 }
@@ -140,22 +139,20 @@ void rotary(torch::Tensor out, torch::Tensor x, torch::Tensor cos, torch::Tensor
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Vec sg(static_cast<float>(sign));
-  at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* c = cp + t * hd;
-      const float* s = sp + t * hd;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* x1 = xp + t * xs + h * hd;
-        const float* x2 = x1 + half;
-        float* o1 = op + (t * H + h) * hd;
-        float* o2 = o1 + half;
-        for (int64_t i = 0; i < half; i += Vec::size()) {
-          const int64_t n = std::min<int64_t>(Vec::size(), half - i);
-          const Vec a = Vec::loadu(x1 + i, n), b = Vec::loadu(x2 + i, n);
-          const Vec cv = Vec::loadu(c + i, n), sv = Vec::loadu(s + i, n) * sg;
-          (a * cv - b * sv).store(o1 + i, n);
-          (b * cv + a * sv).store(o2 + i, n);
-        }
+  each_row(T, [&](int64_t t) {
+    const float* c = cp + t * hd;
+    const float* s = sp + t * hd;
+    for (int64_t h = 0; h < H; ++h) {
+      const float* x1 = xp + t * xs + h * hd;
+      const float* x2 = x1 + half;
+      float* o1 = op + (t * H + h) * hd;
+      float* o2 = o1 + half;
+      for (int64_t i = 0; i < half; i += Vec::size()) {
+        const int64_t n = std::min<int64_t>(Vec::size(), half - i);
+        const Vec a = Vec::loadu(x1 + i, n), b = Vec::loadu(x2 + i, n);
+        const Vec cv = Vec::loadu(c + i, n), sv = Vec::loadu(s + i, n) * sg;
+        (a * cv - b * sv).store(o1 + i, n);
+        (b * cv + a * sv).store(o2 + i, n);
       }
     }
   });
@@ -163,7 +160,7 @@ void rotary(torch::Tensor out, torch::Tensor x, torch::Tensor cos, torch::Tensor
 """
 
 _EXTENSION = LazyExtension(
-    "aspen_fused_ops_v2", _SOURCE, ["swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward",
+    "aspen_fused_ops_v3", _SOURCE, ["swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward",
                                     "rotary"], "fused elementwise kernels",
     cflags=("-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"),
     available=lambda: torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
