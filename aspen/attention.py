@@ -47,7 +47,11 @@ def _padded_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     padded: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
     """Fresh prefill chunks as one right-padded batch: one causal SDPA call instead of one per sequence."""
     gather, valid = padded  # [B, L], [T]
-    qb, kb, vb = (t[gather].transpose(1, 2) for t in (q, k, v))  # [B, heads, L, hd]
+    # index_select, not t[gather]: its backward is an index_add, where advanced indexing's is a slower accumulating
+    # index_put (a training step's attention forward and backward: 55 -> 44 ms per layer at 16 x 128 tokens)
+    flat = gather.reshape(-1)
+    qb, kb, vb = (t.index_select(0, flat).view(*gather.shape, *t.shape[1:]).transpose(1, 2)
+                  for t in (q, k, v))  # [B, heads, L, hd]
     o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
     return o.transpose(1, 2).reshape(-1, *q.shape[1:]).index_select(0, valid)
 
