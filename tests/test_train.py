@@ -223,6 +223,54 @@ def test_dropout_gradients_match_peft_with_the_same_masks(env, monkeypatch, sour
     assert worst < 1e-3 and not masks
 
 
+def test_scattered_segment_with_dropout_matches_a_replayed_reference():
+    """Differentiable segments of scattered tokens (the trainer builds contiguous ones) take the gather / scatter
+    path with torch's dropout: its output and gradients equal a reference that replays the same bernoulli draws
+    (one mask per packed projection, in order) with plain autograd."""
+    from aspen.lora_op import LoraBatch, Segment
+
+    g = torch.Generator().manual_seed(0)
+    p, n_tok, d_in, width = 0.3, 9, 12, 20
+    parts_spec = [(0, 3, 0, 8), (3, 5, 12, 20)]  # two projections: columns 8..12 of the group stay untargeted
+    a = torch.randn(5, d_in, generator=g, requires_grad=True)
+    bts = [torch.randn(r1 - r0, o1 - o0, generator=g, requires_grad=True) for r0, r1, o0, o1 in parts_spec]
+
+    class Weights:
+        def group_weights(self, layer, group):
+            return a, [(*spec, bt) for spec, bt in zip(parts_spec, bts)]
+
+    tokens = torch.tensor([1, 4, 5, 8])
+    x0, y0, gy = (torch.randn(n_tok, k, generator=g) for k in (d_in, width, width))
+
+    def run(op):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        out = op(x, y0.clone())
+        grads = torch.autograd.grad(out, [x, a, *bts], gy)
+        return out.detach(), grads
+
+    def reference(x, y):
+        xs = x.index_select(0, tokens)
+        delta = torch.zeros(len(tokens), width)
+        for (r0, r1, o0, o1), bt in zip(parts_spec, bts):
+            keep = torch.empty_like(xs).bernoulli_(1 - p)  # what F.dropout draws, in the same order
+            xa = (xs * (keep / (1 - p))) @ a[r0:r1].t()
+            delta = delta.index_put((torch.arange(len(tokens))[:, None], torch.arange(o0, o1)), xa @ bt)
+        return y.index_add(0, tokens, delta)
+
+    batch = LoraBatch([Segment(tokens, Weights(), p)])
+    ours, our_grads = run(lambda x, y: batch.apply(0, "qkv_proj", x, y))
+    ref, ref_grads = run(reference)
+    torch.testing.assert_close(ours, ref)
+    for mine, theirs in zip(our_grads, ref_grads):
+        torch.testing.assert_close(mine, theirs)
+    untouched = [r for r in range(n_tok) if r not in tokens.tolist()]
+    assert torch.equal(ours[untouched], y0[untouched])  # rows of other tokens
+    assert torch.equal(ours[tokens][:, 8:12], y0[tokens][:, 8:12])  # the untargeted columns
+    without, _ = run(lambda x, y: LoraBatch([Segment(tokens, Weights(), 0.0)]).apply(0, "qkv_proj", x, y))
+    assert not torch.allclose(ours, without)  # the masks did drop units
+
+
 def test_counter_dropout_kernel_draws_a_reproducible_bernoulli_mask():
     from aspen.cpu_kernels import dropout_apply
 
