@@ -139,10 +139,23 @@ def drop_from_page_cache(directory: str) -> None:
             os.close(fd)
 
 
+def read_into_page_cache(directory: str) -> None:
+    """Read every file of ``directory`` once, so the next read of it comes from the page cache."""
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            while f.read(1 << 22):
+                pass
+
+
 def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages: int, cold: bool) -> list[float]:
-    """Seconds of ``LLMEngine.load_adapter`` (disk -> host -> device pool) for each id, on a fresh engine."""
+    """Seconds of ``LLMEngine.load_adapter`` (disk -> host -> device pool) for each id, on a fresh engine, with the
+    adapter's files in the page cache (``cold`` False: read before the engine is built; other work on the machine
+    may have evicted them since they were written) or dropped from it (``cold``)."""
     from engine.llm_engine import LLMEngine
 
+    if not cold:  # before the engine is built, whose loading pushes these files out of the CPU's caches again
+        for aid in ids:
+            read_into_page_cache(os.path.join(root, aid))
     llm = LLMEngine(model=model, adapter_dir=root, device=device, progress=False, lora_pool_pages=pages,
                     num_kv_blocks=256, max_model_len=1024)
     llm.load_adapter(ids[0])  # warm-up: first-use costs (imports, allocator) are not a per-adapter cost
