@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = rms_norm(x, self.weight, self.eps)
+        fused = rms_norm(x, self.weight, self.eps)  # float32 CPU, frozen weight: one pass (aspen.fused_ops)
         if fused is not None:
             return fused
         dtype = x.dtype
@@ -62,7 +62,8 @@ class Rotary(nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, hd]; rotate-half convention of the Hugging Face checkpoints (``x * cos + rotate_half(x) *
     sin``): each half is written straight into the output (no concatenated ``rotate_half`` copy), and under
-    autograd the backward pass is the inverse rotation."""
+    autograd the backward pass is the inverse rotation. Float32 CPU tensors take the single-pass kernel of
+    ``aspen.fused_ops`` instead (same math, forward and backward)."""
     fused = rotary(x, cos, sin)
     if fused is not None:
         return fused
