@@ -238,18 +238,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return _RotaryKernel.apply(x, cos, sin)
 
 
+def _rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """The kernel's rotation of ``x`` by the tables' angles (``sign`` -1: by minus them), into a new tensor."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    kernel().rotary(out, x, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1), sign)
+    return out
+
+
 class _RotaryKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        out = torch.empty(x.shape, dtype=x.dtype)
-        kernel().rotary(out, x, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1), 1.0)
-        return out
+        return _rotate_by(x, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        grad = grad.contiguous()
-        out = torch.empty(grad.shape, dtype=grad.dtype)
-        kernel().rotary(out, grad, cos.view(cos.shape[0], -1), sin.view(sin.shape[0], -1), -1.0)
-        return out, None, None
+        return _rotate_by(grad.contiguous(), cos, sin, -1.0), None, None  # the inverse rotation
