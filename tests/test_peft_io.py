@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,8 @@ def peft_modules(pm) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, 
 
 
 def assert_matches_peft(adapter: LoraAdapter, pm) -> None:
-    expected = peft_modules(pm)
+    """``pm``: a PEFT model, or what :func:`peft_modules` returned for one."""
+    expected = pm if isinstance(pm, dict) else peft_modules(pm)
     assert set(adapter.weights) == set(expected)
     for key, (A, B, scale) in expected.items():
         w = adapter.weights[key]
@@ -189,6 +191,22 @@ def test_truncated_safetensors(ad: str, cfg: ModelConfig) -> None:
     f = Path(ad, ST)
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     expect_error(ad, cfg, ST, "cannot read safetensors")
+
+
+def test_a_loaded_adapter_keeps_its_weights_when_its_file_is_rewritten(ad: str, cfg: ModelConfig,
+                                                                      saved: tuple[str, Any]) -> None:
+    """What was validated is what is served: the weights are a private copy, not a view of the file (a training
+    job re-saving into the adapter root rewrites the file in place; a mapping would then change under us, or
+    kill the process with SIGBUS once the file is shorter)."""
+    adapter = load_peft_adapter(ad, cfg)
+    f = Path(ad, ST)
+    with open(f, "r+b") as out:  # in place, as `open(path, "wb")` would: same inode, same pages
+        (header,) = struct.unpack("<Q", out.read(8))
+        out.seek(8 + header)
+        out.write(b"\xff" * (f.stat().st_size - 8 - header))  # every weight NaN
+    assert_matches_peft(adapter, saved[1])
+    os.truncate(f, 0)
+    assert_matches_peft(adapter, saved[1])
 
 
 def test_wrong_hidden_size(cfg: ModelConfig, tmp_path: Path) -> None:
