@@ -66,12 +66,13 @@ def test_tensors_stay_valid_when_the_file_is_rewritten_or_truncated(tmp_path: Pa
     assert all(torch.equal(ours[k], orig[k]) for k in orig)
 
 
-def test_unaligned_tensor_is_copied_to_aligned_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pad_to", [1, 8])  # 1: the data section itself starts unaligned
+def test_unaligned_tensor_is_copied_to_aligned_memory(tmp_path: Path, pad_to: int) -> None:
     path = tmp_path / "u.safetensors"
     x = torch.arange(6, dtype=torch.float32)
     raw_file(path, {"bytes": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
                     "x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [3, 27]}},
-             bytes([1, 2, 3]) + x.numpy().tobytes())
+             bytes([1, 2, 3]) + x.numpy().tobytes(), pad_to=pad_to)
     got = read_tensor_file(str(path))
     assert torch.equal(got["bytes"], torch.tensor([1, 2, 3], dtype=torch.uint8))
     assert torch.equal(got["x"], x.view(2, 3))
