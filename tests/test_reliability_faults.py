@@ -204,6 +204,13 @@ def test_adapter_directory_deleted_or_changed_while_cached(fault_server):
         with open(os.path.join(rotting, ST), "wb") as f:
             f.write(b"\0" * 64)
         assert c.generate(PROMPT, "rotting", max_new_tokens=8, **GREEDY).token_ids == ref["a1"]
+        # the device copy alone evicted (device pressure): the host copy goes back to the device, from private
+        # memory (a mapping of the file, now 64 bytes long, would kill the server with SIGBUS here)
+        cache = llm.adapters
+        with cache._lock:
+            cache._drop_device(cache._entries["rotting"], evicted=True)
+        assert cache.tier("rotting") == "host"
+        assert c.generate(PROMPT, "rotting", max_new_tokens=8, **GREEDY).token_ids == ref["a1"]
         c.unload_adapter("rotting")
         with pytest.raises(grpc.RpcError) as info:
             c.load_adapter("rotting")
