@@ -51,21 +51,22 @@ class LanguageModel:
         self.quantize = quantize
         self.device = device
         self.adapters: dict[str, object] = {}  # adapter id -> aspen.peft_io.LoraAdapter (registered for score)
-        self.packed = False  # weights in MKL's packed layout (inference only; see pack_for_inference)
+        self.packed = False  # weights in a packed GEMM layout (inference only; see pack_for_inference)
 
     @property
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def pack_for_inference(self) -> int:
-        """Hold the float32 CPU projections and LM head in MKL's packed GEMM layout (``aspen.packed_linear``):
-        faster decode steps, same memory; irreversible — the model can no longer be trained. Returns how many
-        layers were packed (0 on other devices or dtypes, or without MKL; a quantized model's LM head only)."""
+    def pack_for_inference(self, backend: str = "auto") -> int:
+        """Hold the float32 CPU projections and LM head in a packed GEMM layout (``aspen.packed_linear``; backend
+        "auto", "mkl" or "panels"): faster decode steps, same memory; irreversible — the model can no longer be
+        trained. Returns how many layers were packed (0 on other devices or dtypes, or without a backend; a
+        quantized model's LM head only)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return 0
         from aspen.packed_linear import pack_model
 
-        n = pack_model(self.model)
+        n = pack_model(self.model, backend)
         self.packed = self.packed or n > 0
         return n
 
@@ -73,13 +74,13 @@ class LanguageModel:
         """Compile now the C++ extensions this model's CPU paths use (in parallel; cached once per machine), so
         that no request or training step pays for it. Returns {extension: available}. On other devices only the
         adapter-loading kernels apply (adapters are validated on the host)."""
-        from aspen import adapter_kernels, cpu_kernels, fused_ops, packed_linear
+        from aspen import adapter_kernels, cpu_kernels, fused_ops, packed_linear, panel_gemm
 
         wanted = [adapter_kernels._EXTENSION]
         if self.device.type == "cpu":
             wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION]
             if packed_gemm and self.dtype == torch.float32:
-                wanted.append(packed_linear._EXTENSION)
+                wanted += [packed_linear._EXTENSION, panel_gemm._EXTENSION]
         return build_now(wanted)
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:

@@ -36,6 +36,13 @@ def matmul_params(model) -> int:
     return total
 
 
+def packed_backend(model) -> str | None:
+    """The layout of the model's packed layers (None: not packed)."""
+    from aspen.packed_linear import PackedLinear
+
+    return next((m.backend for m in model.model.modules() if isinstance(m, PackedLinear)), None)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
@@ -44,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, default=128, help="tokens already cached per row (default 128)")
     ap.add_argument("--gemm", type=int, default=None, help="peak matmul size n (default 2048; tiny 512)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--packed-backend", choices=("auto", "mkl", "panels"), default="auto",
+                    help="packed GEMM layout (auto: our AVX-512 panels where built, else MKL's)")
     ap.add_argument("--no-packed-gemm", action="store_true",
                     help="plain weight layout (the engine packs float32 CPU weights by default)")
     ap.add_argument("--out", default=None)
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.gemm or (512 if args.tiny else 2048)
     model = aspen.load_model(bench_model(shape), device=args.device, progress=False)
     params = matmul_params(model)  # counted before packing: packed layers hold no weight parameter
-    packed = 0 if args.no_packed_gemm else model.pack_for_inference()
+    packed = 0 if args.no_packed_gemm else model.pack_for_inference(args.packed_backend)
     cfg = model.config
     block = 16
     per_row = (args.context + 1 + block - 1) // block
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "compute_efficiency", "shape": shape, "device": device_name(args.device), "dtype": "float32",
         "decode_rows": args.rows, "context": args.context, "matmul_params": params, "gemm_n": n,
-        "repeats": args.repeats, "packed_gemm_layers": packed, "step_ms_best": round(best(t_step) * 1e3, 2),
+        "repeats": args.repeats, "packed_gemm_layers": packed, "packed_backend": packed_backend(model), "step_ms_best": round(best(t_step) * 1e3, 2),
         "step_ms_median": round(median(t_step) * 1e3, 2), "gemm_ms_best": round(best(t_gemm) * 1e3, 2),
         "achieved_gflops": round(achieved, 2), "peak_gemm_gflops": round(peak, 2),
         "achieved_gflops_median": round(2 * params * args.rows / median(t_step) / 1e9, 2),

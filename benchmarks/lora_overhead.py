@@ -26,6 +26,13 @@ from aspen.peft_write import random_adapter
 from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
 
 
+def packed_backend(model) -> str | None:
+    """The layout of the model's packed layers (None: not packed)."""
+    from aspen.packed_linear import PackedLinear
+
+    return next((m.backend for m in model.model.modules() if isinstance(m, PackedLinear)), None)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="125m", choices=["125m", "tiny"])
@@ -43,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", default="32-64", help="prefill phase: prompt lengths, 'N' or 'LO-HI'")
     ap.add_argument("--short-prefill-tokens", type=int, default=None,
                     help="override aspen.lora_op.SHORT_PREFILL_TOKENS (0: every prefill by matmul segments)")
+    ap.add_argument("--packed-backend", choices=("auto", "mkl", "panels"), default="auto",
+                    help="packed GEMM layout (auto: our AVX-512 panels where built, else MKL's)")
     ap.add_argument("--no-packed-gemm", action="store_true",
                     help="plain weight layout (the engine packs float32 CPU weights by default)")
     ap.add_argument("--out", default=None)
@@ -51,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         aspen.lora_op.SHORT_PREFILL_TOKENS = args.short_prefill_tokens
 
     model = aspen.load_model(bench_model(args.shape), device=args.device, progress=False)
-    packed = 0 if args.no_packed_gemm else model.pack_for_inference()  # as the engine does
+    packed = 0 if args.no_packed_gemm else model.pack_for_inference(args.packed_backend)  # as the engine does
     cfg = model.config
     adapters = [random_adapter(cfg, args.rank, LORA_TARGETS, seed=i) for i in range(args.adapters)]
     pool, pooled = model.pool_adapters(adapters, None if args.adapter_dtype == "auto" else args.adapter_dtype)
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_over_base": round(ratio, 3), "lora_over_base_median": round(median(t_lora) / median(t_base), 3),
         "target": "<= 1.10" if args.phase == "decode" else None,
         "meets_target": ratio <= 1.10 if args.phase == "decode" else None,
-        "packed_gemm_layers": packed, "pool_mib": round(pool.nbytes / 2**20, 1), "adapter_dtype": str(pool.data.dtype).removeprefix("torch."),
+        "packed_gemm_layers": packed, "packed_backend": packed_backend(model), "pool_mib": round(pool.nbytes / 2**20, 1), "adapter_dtype": str(pool.data.dtype).removeprefix("torch."),
     }
     write_report(args.out, report)
     return report

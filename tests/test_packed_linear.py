@@ -1,4 +1,5 @@
-"""Weights packed for MKL's GEMM: same outputs as the plain layers, inference only."""
+"""Weights packed for MKL's GEMM or in our AVX-512 column panels: same outputs as the plain layers, inference
+only."""
 from __future__ import annotations
 
 import pytest
@@ -6,24 +7,37 @@ import torch
 from torch import nn
 
 import aspen
-from aspen.packed_linear import PackedLinear, PackedMatrix, kernel, pack_model
+from aspen import panel_gemm
+from aspen.packed_linear import PackedLinear, PackedMatrix, available, kernel, pack_model
 from aspen.quantize import weight_bytes
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch built without MKL")
+BACKENDS = [
+    pytest.param("mkl", marks=pytest.mark.skipif(not torch.backends.mkl.is_available(),
+                                                 reason="torch built without MKL")),
+    pytest.param("panels", marks=pytest.mark.skipif(not panel_gemm._avx512(), reason="no AVX-512 on this CPU")),
+]
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 64, 300])
+def require(backend: str) -> None:
+    built = kernel() if backend == "mkl" else panel_gemm.kernel()
+    assert built is not None, f"the {backend} extension failed to build"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [0, 1, 5, 7, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear(rows, bias):
-    """Any row count (the packing is tuned for 64), 2-D and 3-D inputs, with and without bias."""
-    assert kernel() is not None, "the packed-GEMM extension failed to build"
+def test_packed_linear_equals_linear(rows, bias, backend):
+    """Any row count (MKL's packing is tuned for 64; the panels take rows 6 at a time, in chunks of 192), 2-D and
+    3-D inputs, with and without bias; 200 columns are 3 panels and a partial one."""
+    require(backend)
     g = torch.Generator().manual_seed(rows)
     linear = nn.Linear(96, 200, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(200, 96, generator=g))
         if bias:
             linear.bias.copy_(torch.randn(200, generator=g))
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear, backend)
+    assert packed._packed.backend == backend
     x = torch.randn(rows, 96, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-4)
@@ -31,12 +45,14 @@ def test_packed_linear_equals_linear(rows, bias):
         torch.testing.assert_close(packed(x3), linear(x3), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transposed", [True, False])
-def test_packed_matrix_multiplies_like_mm_both_ways_and_checks_shapes(transposed):
+def test_packed_matrix_multiplies_like_mm_both_ways_and_checks_shapes(transposed, backend):
+    require(backend)
     g = torch.Generator().manual_seed(int(transposed))
     m = torch.randn(70, 40, generator=g)
     b = (m.t() if transposed else m).clone()  # B [K, N]
-    packed = PackedMatrix(m, transposed=transposed, rows_hint=7)
+    packed = PackedMatrix(m, transposed=transposed, rows_hint=7, backend=backend)
     m.zero_()  # a copy: the source may change
     x = torch.randn(9, b.shape[0], generator=g)
     torch.testing.assert_close(packed.mm(x), x @ b, rtol=1e-5, atol=1e-4)
@@ -59,8 +75,9 @@ def test_packed_linear_refuses_autograd_and_other_dtypes():
         PackedLinear(nn.Linear(8, 4).double())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("llama", {"tie_word_embeddings": True})])
-def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, overrides):
+def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, overrides, backend):
     """Every projection and the head are packed (q/k/v biases, a head tied to the embeddings); the paged
     prefill + decode logits still match transformers; training the packed model is refused."""
     from aspen.train.config import parse_config
@@ -70,7 +87,8 @@ def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, ov
     path = make_checkpoint(str(tmp_path / "ckpt"), family, **overrides)
     packed = aspen.load_model(path, progress=False)
     plain_bytes = weight_bytes(packed.model)
-    assert packed.pack_for_inference() == 4 * packed.config.num_hidden_layers + 1
+    require(backend)
+    assert packed.pack_for_inference(backend) == 4 * packed.config.num_hidden_layers + 1
     assert not any(type(m) is nn.Linear for m in packed.model.modules())
     # the packed copies count as the weights they hold; a tied head's packed copy comes on top of the embeddings
     head = packed.config.vocab_size * packed.config.hidden_size * 4
@@ -80,7 +98,16 @@ def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, ov
     with torch.inference_mode():
         ref = hf_model(path)(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max().item() < 1e-4
-    assert pack_model(packed.model) == 0  # nothing left to pack
+    assert pack_model(packed.model, backend) == 0  # nothing left to pack
     with pytest.raises(ValueError, match="packed for inference"):
         Trainer(packed, parse_config({"output_dir": "/tmp/unused", "adapters": [
             {"name": "a", "data": "unused.json", "r": 4, "max_steps": 1}]}), progress=False)
+
+
+def test_backend_choice_is_explicit_and_checked():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        PackedMatrix(torch.randn(4, 4), transposed=True, backend="blas")
+    assert available("panels") == (panel_gemm.kernel() is not None)
+    assert available("mkl") == (kernel() is not None)
+    if available("panels"):  # "auto" takes the panels where they are built
+        assert PackedMatrix(torch.randn(4, 4), transposed=True).backend == "panels"

@@ -30,11 +30,13 @@ class FrozenHead:
         self.chunk = max(1, CHUNK_ELEMENTS // self.vocab)
         self._fwd = self._bwd = None
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
-            from aspen.packed_linear import PackedMatrix, kernel
+            from aspen.packed_linear import PackedMatrix, available
 
-            if kernel() is not None:
-                self._fwd = PackedMatrix(weight, transposed=True, rows_hint=self.chunk)
-                self._bwd = PackedMatrix(weight, transposed=False, rows_hint=self.chunk)
+            # MKL's layout where there is one: the panels were measured at inference's row counts, not for this
+            backend = "mkl" if available("mkl") else "auto"
+            if available(backend):
+                self._fwd = PackedMatrix(weight, transposed=True, rows_hint=self.chunk, backend=backend)
+                self._bwd = PackedMatrix(weight, transposed=False, rows_hint=self.chunk, backend=backend)
 
     def logits(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.mm(h, self.weight.t(), out=out) if self._fwd is None else self._fwd.mm(h, out)
