@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import aspen
@@ -111,3 +113,17 @@ def test_backend_choice_is_explicit_and_checked():
     assert available("mkl") == (kernel() is not None)
     if available("panels"):  # "auto" takes the panels where they are built
         assert PackedMatrix(torch.randn(4, 4), transposed=True).backend == "panels"
+
+
+@pytest.mark.skipif(not panel_gemm._avx512(), reason="no AVX-512 on this CPU")
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 400), n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_panel_kernel_equals_mm_for_any_shape(m, n, k, seed):
+    """Row counts around the 6-row tiles and 192-row chunks, partial panels, odd K."""
+    mod = panel_gemm.kernel()
+    assert mod is not None, "the panel-GEMM extension failed to build"
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    out = torch.full((m, n), float("nan"))
+    mod.panel_mm(out, x, mod.pack_panels(w))
+    torch.testing.assert_close(out, x @ w.t(), rtol=1e-5, atol=1e-4)
