@@ -16,7 +16,7 @@ small extension cannot be compiled, layers stay as they are. The extension calls
 ``libtorch_cpu`` exports; it is built on first use into torch's extension cache (seconds, once per machine).
 
 Two layouts (``backend``): MKL's, and on CPUs with AVX-512 our own column panels (:mod:`aspen.panel_gemm`), which
-measured 11-19% faster than MKL's at 8-32 rows and level with it from 64 rows to 2,048. ``"auto"`` (the default)
+measured 4-22% faster than MKL's at 8-64 rows and level with it at 2,048. ``"auto"`` (the default)
 takes the panels where they are built, else MKL's.
 """
 from __future__ import annotations

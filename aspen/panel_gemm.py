@@ -8,11 +8,13 @@ Kernel: each thread takes whole panels (OpenMP over panels). For a panel it runs
 6: 6 rows x 64 columns = 24 AVX-512 accumulators, each step of ``k`` loading 4 vectors of the panel and
 broadcasting 6 values of ``x`` into 24 FMAs. While it works on one panel it prefetches the next into L2, so the
 first row group of a panel does not wait on memory. Rows come in chunks of 192, so that the chunk of ``x`` stays
-in L2 while the panels go by.
+in L2 while the panels go by; with more than 12 rows ``K`` goes in slabs of 128 panel rows (32 KiB), so that every
+row group reads the slab from L1 (partial sums wait in ``out``).
 
-Measured on this project's 2-core CPU (49 matrices of the 125M model, streamed from memory), against MKL's packed
-GEMM (:mod:`aspen.packed_linear`): 13% faster at 8 and 32 rows, even at 64. It is only built where the compiler
-targets AVX-512 (``-march=native``); elsewhere :func:`kernel` is None and callers keep MKL's layout.
+Measured on this project's 2-core CPU (the 49 matrices of the 125M model, 438 MB, streamed from memory), MKL's
+packed GEMM (:mod:`aspen.packed_linear`) took 1.04-1.19x our time at 8 rows, 1.10-1.22x at 32, 1.06-1.12x at 64
+and 1.01-1.05x at 2,048 (BENCHMARKS.md). It is only built where the compiler targets AVX-512 (``-march=native``);
+elsewhere :func:`kernel` is None and callers keep MKL's layout.
 """
 from __future__ import annotations
 
@@ -56,19 +58,24 @@ torch::Tensor pack_panels(torch::Tensor b_t) {
 #if defined(__AVX512F__)
 // out[0:R, cols of panel] = x[0:R, :] @ panel; prefetches `lines` cache lines from `pf` on the way
 template <int R>
-static inline void tile(const float* x, int64_t k, const float* panel, float* out, int64_t ldo, int64_t cols,
-                        const char* pf, int64_t lines) {
+static inline void tile(const float* x, int64_t ldx, int64_t k0, int64_t k1, const float* panel, float* out,
+                        int64_t ldo, int64_t cols, const char* pf, int64_t lines) {
   __m512 acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int64_t per_step = lines > 0 ? (lines + k - 1) / k : 0;
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t l = i * per_step; l < std::min(lines, (i + 1) * per_step); ++l) _mm_prefetch(pf + l * 64, _MM_HINT_T1);
+  for (int c = 0; c < 4; ++c) {
+    const int64_t left = cols - c * 16;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    for (int r = 0; r < R; ++r)
+      acc[r][c] = k0 == 0 || !mask ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, out + r * ldo + c * 16);
+  }
+  const int64_t k = k1 - k0, per_step = lines > 0 ? (lines + k - 1) / k : 0;
+  for (int64_t i = k0; i < k1; ++i) {
+    const int64_t j = i - k0;
+    for (int64_t l = j * per_step; l < std::min(lines, (j + 1) * per_step); ++l) _mm_prefetch(pf + l * 64, _MM_HINT_T1);
     const float* w = panel + i * 64;
     const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16), w2 = _mm512_load_ps(w + 32),
                  w3 = _mm512_load_ps(w + 48);
     for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * k + i]);
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + i]);
       acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(xv, w2, acc[r][2]);
@@ -83,23 +90,30 @@ static inline void tile(const float* x, int64_t k, const float* panel, float* ou
   }
 }
 
-// rows [0, m) of x against one panel, the next panel's lines prefetched across the row groups
+// rows [0, m) of x against one panel, the next panel's lines prefetched across the row groups. With more than
+// two row groups K goes in slabs of kSlab rows of the panel (32 KiB), so that every group reads the slab from L1.
+constexpr int64_t kSlab = 128;
 static void panel_rows(const float* x, int64_t m, int64_t k, const float* panel, float* out, int64_t ldo,
                        int64_t cols, const char* next) {
-  const int64_t groups = (m + 5) / 6, lines = next ? k * 4 : 0, share = (lines + groups - 1) / groups;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r0 = g * 6, rows = std::min<int64_t>(6, m - r0);
-    const int64_t l0 = std::min(lines, g * share), n_lines = std::min(lines, l0 + share) - l0;
-    const char* pf = next ? next + l0 * 64 : nullptr;
-    const float* xr = x + r0 * k;
-    float* o = out + r0 * ldo;
-    switch (rows) {
-      case 6: tile<6>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
-      case 5: tile<5>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
-      case 4: tile<4>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
-      case 3: tile<3>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
-      case 2: tile<2>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
-      default: tile<1>(xr, k, panel, o, ldo, cols, pf, n_lines); break;
+  const int64_t groups = (m + 5) / 6, slab = groups > 2 ? kSlab : k, slabs = (k + slab - 1) / slab;
+  const int64_t lines = next ? k * 4 : 0, share = (lines + groups * slabs - 1) / (groups * slabs);
+  int64_t step = 0;
+  for (int64_t k0 = 0; k0 < k; k0 += slab) {
+    const int64_t k1 = std::min(k, k0 + slab);
+    for (int64_t g = 0; g < groups; ++g, ++step) {
+      const int64_t r0 = g * 6, rows = std::min<int64_t>(6, m - r0);
+      const int64_t l0 = std::min(lines, step * share), n_lines = std::min(lines, l0 + share) - l0;
+      const char* pf = next ? next + l0 * 64 : nullptr;
+      const float* xr = x + r0 * k;
+      float* o = out + r0 * ldo;
+      switch (rows) {
+        case 6: tile<6>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+        case 5: tile<5>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+        case 4: tile<4>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+        case 3: tile<3>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+        case 2: tile<2>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+        default: tile<1>(xr, k, k0, k1, panel, o, ldo, cols, pf, n_lines); break;
+      }
     }
   }
 }
@@ -140,7 +154,7 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
-_EXTENSION = LazyExtension("aspen_panel_gemm_v1", _SOURCE, ["built_for_avx512", "pack_panels", "panel_mm"],
+_EXTENSION = LazyExtension("aspen_panel_gemm_v2", _SOURCE, ["built_for_avx512", "pack_panels", "panel_mm"],
                            "panel-GEMM extension", cflags=("-O3", "-march=native", "-fopenmp"),
                            ldflags=("-fopenmp",), available=_avx512)
 
