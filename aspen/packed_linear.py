@@ -86,8 +86,8 @@ def available(backend: str = "auto") -> bool:
 
 
 class PackedMatrix:
-    """The right-hand side ``B`` [K, N] of ``x @ B``, held in MKL's packed layout (a copy: the source may change or
-    go). ``transposed``: ``matrix`` is ``B^T`` [N, K], as an ``nn.Linear`` weight is."""
+    """The right-hand side ``B`` [K, N] of ``x @ B``, held in a packed layout, MKL's or our panels (a copy: the
+    source may change or go). ``transposed``: ``matrix`` is ``B^T`` [N, K], as an ``nn.Linear`` weight is."""
 
     def __init__(self, matrix: torch.Tensor, transposed: bool, rows_hint: int = ROWS_HINT,
                  backend: str = "auto") -> None:

@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="storage dtype of the device adapter pool (auto: the model's); 16 bits halve the memory "
                         "traffic of many-adapter decode steps, rounding the adapter weights")
     m.add_argument("--no-packed-gemm", action="store_true",
-                   help="keep float32 CPU weights in the plain layout (default: packed for MKL's GEMM, faster "
-                        "decode steps, same memory)")
+                   help="keep float32 CPU weights in the plain layout (default: packed, in AVX-512 panels or for "
+                        "MKL's GEMM: faster decode steps, same memory)")
     m.add_argument("--host-adapter-mb", type=int, default=None, help="host-memory adapter tier in MiB")
     m.add_argument("--max-queue", type=int, default=0,
                    help="waiting-queue cap; beyond it calls get RESOURCE_EXHAUSTED (0 = unbounded)")
