@@ -19,7 +19,7 @@ class EngineConfig:
     chunked_prefill: bool = True
     lora_pool_bytes: int = 256 * MiB  # device pool for resident adapters, used when lora_pool_pages is None
     lora_pool_pages: int | None = None
-    host_adapter_bytes: int = 2048 * MiB  # host-memory tier of the adapter cache
+    host_adapter_bytes: int = 2048 * MiB  # host-memory tier of the adapter cache (resident: private copies)
     max_waiting: int = 0  # waiting-queue cap (0 = unbounded); beyond it add_request raises QueueFullError
     max_head_skips: int = 32  # fairness: how often later requests may pass a waiting head request
     allow_pickle_adapters: bool = False  # legacy adapter_model.bin (read with weights_only=True)

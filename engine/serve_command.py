@@ -90,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-packed-gemm", action="store_true",
                    help="keep float32 CPU weights in the plain layout (default: packed, in AVX-512 panels or for "
                         "MKL's GEMM: faster decode steps, same memory)")
-    m.add_argument("--host-adapter-mb", type=int, default=None, help="host-memory adapter tier in MiB")
+    m.add_argument("--host-adapter-mb", type=int, default=None,
+                   help="host-memory adapter tier in MiB (resident memory: adapters are read into private "
+                        "buffers, not mapped; default 2048)")
     m.add_argument("--max-queue", type=int, default=0,
                    help="waiting-queue cap; beyond it calls get RESOURCE_EXHAUSTED (0 = unbounded)")
     m.add_argument("--no-prefix-caching", action="store_true")
