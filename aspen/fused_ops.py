@@ -235,7 +235,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             and x.shape[2] % 2 == 0 and cos.is_contiguous() and sin.is_contiguous()
             and cos.shape == sin.shape == (x.shape[0], 1, x.shape[2])):
         return None
-    return _RotaryKernel.apply(x, cos, sin)
+    return Rotation.apply(x, cos, sin, _rotate_by)
 
 
 def _rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -245,13 +245,17 @@ def _rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: floa
     return out
 
 
-class _RotaryKernel(torch.autograd.Function):
+class Rotation(torch.autograd.Function):
+    """``rotate(x, cos, sin, 1.0)`` under autograd; its backward is the inverse rotation, ``rotate(grad, cos, sin,
+    -1.0)``. ``rotate``: this module's kernel, or the torch path of :mod:`aspen.layers`."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _rotate_by(x, cos, sin, 1.0)
+        ctx.rotate = rotate
+        return rotate(x, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _rotate_by(grad.contiguous(), cos, sin, -1.0), None, None  # the inverse rotation
+        return ctx.rotate(grad.contiguous(), cos, sin, -1.0), None, None, None

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from aspen.config import ModelConfig
-from aspen.fused_ops import rms_norm, rotary
+from aspen.fused_ops import Rotation, rms_norm, rotary
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +68,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if fused is not None:
         return fused
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Rotary.apply(x, cos, sin)
+        return Rotation.apply(x, cos, sin, _rotate)
     return _rotate(x, cos, sin, 1.0)
 
 
@@ -83,14 +83,3 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     torch.mul(x2, c, out=o2).addcmul_(x1, s, value=sign)
     return out
 
-
-class _Rotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
