@@ -12,7 +12,7 @@ in L2 while the panels go by; with more than 12 rows ``K`` goes in slabs of 128 
 row group reads the slab from L1 (partial sums wait in ``out``).
 
 Measured on this project's 2-core CPU (the 49 matrices of the 125M model, 438 MB, streamed from memory), MKL's
-packed GEMM (:mod:`aspen.packed_linear`) took 1.04-1.19x our time at 8 rows, 1.10-1.22x at 32, 1.06-1.12x at 64
+packed GEMM (:mod:`aspen.packed_linear`) took 1.04-1.19x our time at 8 rows, 1.05-1.22x at 32, 1.06-1.12x at 64
 and 1.01-1.05x at 2,048 (BENCHMARKS.md). It is only built where the compiler targets AVX-512 (``-march=native``);
 elsewhere :func:`kernel` is None and callers keep MKL's layout.
 """
@@ -61,11 +61,12 @@ template <int R>
 static inline void tile(const float* x, int64_t ldx, int64_t k0, int64_t k1, const float* panel, float* out,
                         int64_t ldo, int64_t cols, const char* pf, int64_t lines) {
   __m512 acc[R][4];
+  __mmask16 mask[4];  // the columns of each vector that exist (the last panel may be partial)
   for (int c = 0; c < 4; ++c) {
     const int64_t left = cols - c * 16;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+    mask[c] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
     for (int r = 0; r < R; ++r)
-      acc[r][c] = k0 == 0 || !mask ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask, out + r * ldo + c * 16);
+      acc[r][c] = k0 == 0 || !mask[c] ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[c], out + r * ldo + c * 16);
   }
   const int64_t k = k1 - k0, per_step = lines > 0 ? (lines + k - 1) / k : 0;
   for (int64_t i = k0; i < k1; ++i) {
@@ -82,12 +83,8 @@ static inline void tile(const float* x, int64_t ldx, int64_t k0, int64_t k1, con
       acc[r][3] = _mm512_fmadd_ps(xv, w3, acc[r][3]);
     }
   }
-  for (int c = 0; c < 4; ++c) {
-    const int64_t left = cols - c * 16;
-    if (left <= 0) break;
-    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + c * 16, mask, acc[r][c]);
-  }
+  for (int c = 0; c < 4 && mask[c]; ++c)
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + c * 16, mask[c], acc[r][c]);
 }
 
 // rows [0, m) of x against one panel, the next panel's lines prefetched across the row groups. With more than
@@ -154,7 +151,7 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
-_EXTENSION = LazyExtension("aspen_panel_gemm_v2", _SOURCE, ["built_for_avx512", "pack_panels", "panel_mm"],
+_EXTENSION = LazyExtension("aspen_panel_gemm_v3", _SOURCE, ["built_for_avx512", "pack_panels", "panel_mm"],
                            "panel-GEMM extension", cflags=("-O3", "-march=native", "-fopenmp"),
                            ldflags=("-fopenmp",), available=_avx512)
 

@@ -18,7 +18,15 @@ import torch
 
 import aspen
 from aspen.batch import SeqChunk
-from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
+from benchmarks.common import (
+    bench_model,
+    best,
+    device_name,
+    interleaved,
+    median,
+    packed_backend,
+    write_report,
+)
 
 
 def matmul_params(model) -> int:
@@ -34,13 +42,6 @@ def matmul_params(model) -> int:
     if lm_head is not None and embed is not None and lm_head.weight is embed:  # tied: count the head once
         total += embed.numel()
     return total
-
-
-def packed_backend(model) -> str | None:
-    """The layout of the model's packed layers (None: not packed)."""
-    from aspen.packed_linear import PackedLinear
-
-    return next((m.backend for m in model.model.modules() if isinstance(m, PackedLinear)), None)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,14 +23,15 @@ from aspen.batch import SeqChunk
 from aspen.config import LORA_TARGETS
 from aspen.lora_op import LoraBatch
 from aspen.peft_write import random_adapter
-from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
-
-
-def packed_backend(model) -> str | None:
-    """The layout of the model's packed layers (None: not packed)."""
-    from aspen.packed_linear import PackedLinear
-
-    return next((m.backend for m in model.model.modules() if isinstance(m, PackedLinear)), None)
+from benchmarks.common import (
+    bench_model,
+    best,
+    device_name,
+    interleaved,
+    median,
+    packed_backend,
+    write_report,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
