@@ -164,3 +164,8 @@ def pack_model(model: nn.Module, backend: str = "auto") -> int:
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child, backend))
     return len(targets)
+
+
+def backend_of(model: nn.Module) -> str | None:
+    """The layout of ``model``'s packed layers: "panels" or "mkl" (None: nothing packed)."""
+    return next((m.backend for m in model.modules() if isinstance(m, PackedLinear)), None)

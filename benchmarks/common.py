@@ -82,13 +82,6 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
-def packed_backend(model) -> str | None:
-    """The layout of the model's packed layers (None: not packed)."""
-    from aspen.packed_linear import PackedLinear
-
-    return next((m.backend for m in model.model.modules() if isinstance(m, PackedLinear)), None)
-
-
 def write_report(path: str | None, report: dict) -> None:
     text = json.dumps(report, indent=2)
     print(text)

@@ -18,15 +18,8 @@ import torch
 
 import aspen
 from aspen.batch import SeqChunk
-from benchmarks.common import (
-    bench_model,
-    best,
-    device_name,
-    interleaved,
-    median,
-    packed_backend,
-    write_report,
-)
+from aspen.packed_linear import backend_of
+from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
 
 
 def matmul_params(model) -> int:
@@ -95,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "compute_efficiency", "shape": shape, "device": device_name(args.device), "dtype": "float32",
         "decode_rows": args.rows, "context": args.context, "matmul_params": params, "gemm_n": n,
-        "repeats": args.repeats, "packed_gemm_layers": packed, "packed_backend": packed_backend(model), "step_ms_best": round(best(t_step) * 1e3, 2),
+        "repeats": args.repeats, "packed_gemm_layers": packed, "packed_backend": backend_of(model.model), "step_ms_best": round(best(t_step) * 1e3, 2),
         "step_ms_median": round(median(t_step) * 1e3, 2), "gemm_ms_best": round(best(t_gemm) * 1e3, 2),
         "achieved_gflops": round(achieved, 2), "peak_gemm_gflops": round(peak, 2),
         "achieved_gflops_median": round(2 * params * args.rows / median(t_step) / 1e9, 2),

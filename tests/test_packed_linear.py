@@ -10,7 +10,7 @@ from torch import nn
 
 import aspen
 from aspen import panel_gemm
-from aspen.packed_linear import PackedLinear, PackedMatrix, available, kernel, pack_model
+from aspen.packed_linear import PackedLinear, PackedMatrix, available, backend_of, kernel, pack_model
 from aspen.quantize import weight_bytes
 
 BACKENDS = [
@@ -90,7 +90,9 @@ def test_packed_model_matches_transformers_and_cannot_train(tmp_path, family, ov
     packed = aspen.load_model(path, progress=False)
     plain_bytes = weight_bytes(packed.model)
     require(backend)
+    assert backend_of(packed.model) is None
     assert packed.pack_for_inference(backend) == 4 * packed.config.num_hidden_layers + 1
+    assert backend_of(packed.model) == backend
     assert not any(type(m) is nn.Linear for m in packed.model.modules())
     # the packed copies count as the weights they hold; a tied head's packed copy comes on top of the embeddings
     head = packed.config.vocab_size * packed.config.hidden_size * 4
