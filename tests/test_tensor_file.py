@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from aspen import tensor_file
 from aspen.tensor_file import TensorFileError, read_tensor_file
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -50,6 +51,17 @@ def test_same_tensors_as_the_safetensors_library(specs, seed: int, tmp_path_fact
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
         assert torch.equal(ours[k], ref[k]), k
+
+
+def test_a_large_file_read_in_two_halves_is_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "big.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 1000, generator=g), "b": torch.randn(1100, 1001, generator=g),
+               "c": torch.randn(5, generator=g).half()}
+    save_file(tensors, str(path))
+    assert path.stat().st_size >= tensor_file.SPLIT_BYTES  # "b" spans the point where the halves meet
+    ours = read_tensor_file(str(path))
+    assert all(torch.equal(ours[k], tensors[k]) for k in tensors)
 
 
 def test_tensors_stay_valid_when_the_file_is_rewritten_or_truncated(tmp_path: Path) -> None:
