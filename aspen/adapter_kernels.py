@@ -6,6 +6,12 @@ takes and drops the GIL. In the server, where a load runs beside the engine's st
 on the engine thread, and a load that took ~10 ms alone took 25-40 ms there. These two functions do the same work
 in one call each, with the GIL released, on float32 CPU tensors (the pool's usual dtype on the CPU); anything else
 keeps the torch paths, which give the same result. ``ASPEN_CPU_KERNELS=0`` turns them off like the other kernels.
+
+Both run on ATen's threads (tensors, or one projection of one layer, per task). The pool write streams whole
+cache lines to the pool where the CPU has AVX-512 (the rows it writes are not read before the next decode step,
+and the pool is larger than the caches, so reading each destination line before writing it was wasted).
+Loading that adapter alone with a full host tier, the two took 1.2 and 1.9-2.4 ms on one thread with plain
+stores, 0.7-1.3 and 1.5-1.8 ms now (BENCHMARKS.md, row 4).
 """
 from __future__ import annotations
 

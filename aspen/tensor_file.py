@@ -8,10 +8,11 @@ Why not ``safetensors.torch.load_file``: it maps the file, and its tensors stay 
 held in the cache's host tier would then read the file again whenever it is moved to the device; if the file is
 rewritten in place meanwhile, the server would use weights it never validated, and if it is truncated, the first
 read past the new end kills the process with SIGBUS. ``safetensors.torch.load(bytes)`` copies, but tensor by
-tensor: 12-14 ms for a 168-tensor, 11.2 MB adapter in the page cache, against ~3 ms here (~2 ms of it the copy).
-The copy costs more the first time a process touches that much memory: page faults of fresh memory add ~3-6 ms
-per adapter on this project's VMs; freed buffers are reused by the allocator, so an adapter cache that evicts
-does not pay it again. Every number in the header is checked before it is used; a file that fails a check raises
+tensor: 12-14 ms for a 168-tensor, 11.2 MB adapter in the page cache, against ~3-4 ms here (most of it the copy
+out of the page cache, which a large file does on two cores: :func:`_read_all`). The copy costs more the first
+time a process touches that much memory: page faults of fresh memory add ~3-4 ms per adapter on this project's
+VMs; freed buffers are reused by the allocator, so an adapter cache whose host tier is full, and evicts, does not
+pay it again. Every number in the header is checked before it is used; a file that fails a check raises
 :class:`TensorFileError` naming the file and the problem.
 """
 from __future__ import annotations

@@ -147,18 +147,28 @@ def read_into_page_cache(directory: str) -> None:
                 pass
 
 
-def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages: int, cold: bool) -> list[float]:
+def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages: int, cold: bool,
+                       fill_ids: tuple[str, ...] = (), host_bytes: int | None = None) -> list[float]:
     """Seconds of ``LLMEngine.load_adapter`` (disk -> host -> device pool) for each id, on a fresh engine, with the
     adapter's files in the page cache (``cold`` False: read before the engine is built; other work on the machine
-    may have evicted them since they were written) or dropped from it (``cold``)."""
+    may have evicted them since they were written) or dropped from it (``cold``).
+
+    ``fill_ids`` are loaded first, untimed, into a host tier of ``host_bytes``: when they overfill it, every timed
+    load evicts an adapter from the host tier as it would in a server that has run for a while, and reads into
+    memory the process has used before. Without them, the timed loads fill an empty host tier: every read lands
+    in memory fresh from the kernel, whose first touch costs page faults."""
     from engine.llm_engine import LLMEngine
 
     if not cold:  # before the engine is built, whose loading pushes these files out of the CPU's caches again
         for aid in ids:
             read_into_page_cache(os.path.join(root, aid))
+    extra = {} if host_bytes is None else {"host_adapter_bytes": host_bytes}
     llm = LLMEngine(model=model, adapter_dir=root, device=device, progress=False, lora_pool_pages=pages,
-                    num_kv_blocks=256, max_model_len=1024)
+                    num_kv_blocks=256, max_model_len=1024, **extra)
+    for aid in fill_ids:
+        llm.load_adapter(aid)
     llm.load_adapter(ids[0])  # warm-up: first-use costs (imports, allocator) are not a per-adapter cost
+    evicted_before = llm.adapters.stats().evictions_host
     out = []
     for aid in ids[1:]:
         if cold:
@@ -172,6 +182,9 @@ def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages
         out.append(time.perf_counter() - t0)
         if llm.adapters.tier(aid) != "device":
             raise RuntimeError(f"{aid} did not reach the device tier")
+    evicted = llm.adapters.stats().evictions_host - evicted_before
+    if fill_ids and evicted < len(out):
+        raise RuntimeError(f"{evicted} host-tier evictions in {len(out)} timed loads: the host tier was not full")
     return out
 
 
@@ -231,6 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
     sample_ids = [adapter_name(i) for i in range(num - 1, -1, -max(1, num // (samples + 1)))][:samples + 1]
     warm = time_adapter_loads(model, root, sample_ids, args.device, cache * ppa, cold=False)
     cold = time_adapter_loads(model, root, sample_ids, args.device, cache * ppa, cold=True)
+    # the same loads into a full host tier of 4 adapters: each evicts one, as in a server that has run a while
+    fill = tuple(adapter_name(i) for i in range(6) if adapter_name(i) not in sample_ids)
+    host_bytes = 4 * _dir_bytes(os.path.join(root, adapter_name(0)))
+    steady_warm = time_adapter_loads(model, root, sample_ids, args.device, cache * ppa, cold=False,
+                                     fill_ids=fill, host_bytes=host_bytes)
+    steady_cold = time_adapter_loads(model, root, sample_ids, args.device, cache * ppa, cold=True,
+                                     fill_ids=fill, host_bytes=host_bytes)
 
     # 3. load-test runs through the server
     driver = DriverConfig(mode="open", progress=not tiny, timeout_s=600)
@@ -279,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = s["ttft"]["p99"] / single_p99 if s["ttft"]["p99"] and single_p99 else None
         per_alpha[label] = {"p99_ttft_vs_single": None if ratio is None else round(ratio, 3),
                             "meets_target": ratio is not None and ratio <= 2.0}
-    cold_median = statistics.median(cold) * 1e3
+    load_medians = {"first_fill_warm": warm, "first_fill_cold": cold, "full_host_tier_warm": steady_warm,
+                    "full_host_tier_cold": steady_cold}
     report = {
         "benchmark": "adapter_churn", "shape": shape, "device": device_name(args.device),
         "adapters_on_disk": num, "rank": args.rank, "targets": "all seven projections",
@@ -289,7 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
         "requests_per_run": n_req, "slices": args.slices, "offered_rate": rate, "input_len": in_len, "output_len": out_len,
         "max_num_seqs": args.max_num_seqs, "packed_gemm": not args.no_packed_gemm,
         "load_ms_warm_page_cache": ms_stats(warm), "load_ms_cold": ms_stats(cold),
-        "load_target_ms": 10.0, "meets_load_target": cold_median <= 10.0,
+        "load_ms_full_host_tier_warm_page_cache": ms_stats(steady_warm),
+        "load_ms_full_host_tier_cold": ms_stats(steady_cold),
+        "load_target_ms": 10.0,
+        "meets_load_target": {k: statistics.median(v) * 1e3 <= 10.0 for k, v in load_medians.items()},
         "runs": {label: {"ttft_p50_ms": _ms(s["ttft"]["p50"]), "ttft_p99_ms": _ms(s["ttft"]["p99"]),
                          "tpot_p50_ms": _ms(s["tpot"]["p50"]), "e2e_p99_ms": _ms(s["e2e"]["p99"]),
                          "request_throughput": round(s["request_throughput"], 3),

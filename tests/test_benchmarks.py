@@ -94,6 +94,9 @@ def test_adapter_churn(home, tmp_path):
         assert 0 <= run["cache"]["request_hit_rate"] <= 1 and run["cache"]["device_loads"] >= 1
     assert r["runs"]["single"]["distinct_adapters"] == 1 and r["slices"] == 2  # 2 interleaved slices of 4
     assert r["load_ms_cold"]["n"] == r["load_ms_warm_page_cache"]["n"] == 3
+    assert r["load_ms_full_host_tier_cold"]["n"] == r["load_ms_full_host_tier_warm_page_cache"]["n"] == 3
+    assert set(r["meets_load_target"]) == {"first_fill_warm", "first_fill_cold", "full_host_tier_warm",
+                                           "full_host_tier_cold"}
     assert set(r["per_alpha"]) == {"alpha=0.3"} and r["per_alpha"]["alpha=0.3"]["p99_ttft_vs_single"] > 0
     for f in r["loadtest_files"].values():
         assert (tmp_path / "adapter_churn" / f.rsplit("/", 1)[-1]).exists()
