@@ -41,8 +41,10 @@ from aspen.lora_pool import LoraPool, PooledAdapter
 
 # decode rows (single tokens) with adapters take the batched path once a step has this many of them
 GATHER_MIN_SEGMENTS = 8
-# with the CPU kernel, an adapter's prefill tokens of a step take the batched path up to this many
-SHORT_PREFILL_TOKENS = 64
+# with the CPU kernel, an adapter's prefill tokens of a step take the batched path up to this many (a prefill
+# step of the 125M model, LoRA cost over the base step, session 7: 32 adapters x 2 prompts of 32-64 tokens,
+# +253 ms batched vs +404 ms in segments; 8 x 128 tokens, +82 vs +81 ms; 4 x 512 tokens, +169 vs +49 ms)
+SHORT_PREFILL_TOKENS = 128
 # the torch fallback of the batched path gathers [rows, R, in] page rows: this many rows at a time
 FALLBACK_ROWS = 64
 
@@ -197,8 +199,19 @@ def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tenso
             y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
         return y
     delta = _segment_delta(x.index_select(0, tokens), weights, dropout, y.shape[1], y.dtype)
-    # index_put with accumulate: much faster on CPU than index_add_ for a few scattered rows
-    return y.index_put_((tokens,), delta, accumulate=True)
+    return _add_rows(y, tokens, delta)
+
+
+# On the CPU (torch 2.13) an accumulating index_put_ of [n, 2304] rows took 3-9 us up to 8 rows and then
+# ~6 us per row (0.41 ms at 64), while index_add_ took 10-18 us up to 8 rows and 28 us at 64.
+SMALL_SCATTER_ROWS = 8
+
+
+def _add_rows(y: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``y[tokens] += delta`` in place (``tokens`` distinct), by whichever torch op is faster for that many rows."""
+    if y.is_cpu and tokens.shape[0] <= SMALL_SCATTER_ROWS:
+        return y.index_put_((tokens,), delta, accumulate=True)
+    return y.index_add_(0, tokens, delta)
 
 
 @dataclass(frozen=True)
@@ -293,4 +306,4 @@ def _gathered_delta(data: torch.Tensor, g: _GatherGroup, tokens: torch.Tensor, r
     for r0, r1, o0, o1 in g.parts:
         bt = data[rows[:, r0:r1], g.in_features:g.in_features + o1 - o0].to(xs.dtype)  # [N, r, out]
         delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
-    return y.index_put_((tokens,), delta, accumulate=True)
+    return _add_rows(y, tokens, delta)

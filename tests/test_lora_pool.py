@@ -121,6 +121,16 @@ def test_triton_output_blocks_tile_every_part():
     assert output_blocks(((0, 4, 0, 100),), 100) is None  # no power-of-two block >= 16 tiles 100 columns
 
 
+def _block_tables(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Consecutive KV blocks for sequences of these lengths."""
+    tables, at = [], 0
+    for n in lengths:
+        need = -(-n // block_size)
+        tables.append(list(range(at, at + need)))
+        at += need
+    return tables
+
+
 def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
     """With the CPU kernel, an adapter's short prefill joins the batched rows; a long one stays a segment
     (matmuls); the logits match each sequence alone either way."""
@@ -133,7 +143,7 @@ def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
             for n in (SHORT_PREFILL_TOKENS + 6, 10, 5)]
     slots = [0, 1, -1]
     kv = model.new_kv_cache(num_blocks=64, block_size=4)
-    tables = [list(range(20)), list(range(20, 24)), list(range(24, 26))]
+    tables = _block_tables([len(s) for s in seqs], 4)
     chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
     seen = {}
 
@@ -151,3 +161,48 @@ def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
         alone = model.score(s, adapter=adapters[k] if k >= 0 else None, block_size=4)
         assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
         at += len(s)
+
+
+def test_an_adapters_prompts_apart_in_the_batch_form_one_segment_and_match_each_alone(model, adapters):
+    """Two prompts of one adapter, with another adapter's prompt between them and too long together for the
+    batched rows: one segment over scattered tokens (gathered, then added back row by row)."""
+    from aspen.lora_op import SHORT_PREFILL_TOKENS
+
+    pool, pooled = model.pool_adapters(adapters[:2])
+    n = SHORT_PREFILL_TOKENS // 2 + 10
+    seqs = [torch.randint(4, 320, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (n, 7, n + 1)]
+    slots = [0, 1, 0]
+    kv = model.new_kv_cache(num_blocks=128, block_size=4)
+    tables = _block_tables([len(s) for s in seqs], 4)
+    chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
+    seen = {}
+
+    def make_lora(b):
+        seen["lora"] = lb = LoraBatch.for_step(b, pooled, pool)
+        return lb
+
+    logits = model.step(chunks, kv, make_lora)
+    (seg,) = seen["lora"].segments
+    assert isinstance(seg.tokens, torch.Tensor) and seg.tokens.tolist() == list(range(n)) + list(
+        range(n + 7, 2 * n + 8))
+    at = 0
+    for s, k in zip(seqs, slots):
+        alone = model.score(s, adapter=adapters[k], block_size=4)
+        assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
+        at += len(s)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 64])
+def test_rows_are_added_in_place_by_either_scatter(rows):
+    from aspen.lora_op import SMALL_SCATTER_ROWS, _add_rows
+
+    assert SMALL_SCATTER_ROWS in range(1, 64)  # both branches are taken by the cases above
+    g = torch.Generator().manual_seed(rows)
+    y = torch.randn(100, 24, generator=g)
+    tokens = torch.randperm(100, generator=g)[:rows]
+    delta = torch.randn(rows, 24, generator=g)
+    want = y.clone()
+    for i, t in enumerate(tokens.tolist()):
+        want[t] += delta[i]
+    out = _add_rows(y, tokens, delta)
+    assert out.data_ptr() == y.data_ptr() and torch.allclose(y, want, atol=1e-6)
