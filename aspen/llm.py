@@ -74,11 +74,11 @@ class LanguageModel:
         """Compile now the C++ extensions this model's CPU paths use (in parallel; cached once per machine), so
         that no request or training step pays for it. Returns {extension: available}. On other devices only the
         adapter-loading kernels apply (adapters are validated on the host)."""
-        from aspen import adapter_kernels, cpu_kernels, fused_ops, packed_linear, panel_gemm
+        from aspen import adapter_kernels, cpu_kernels, fused_ops, packed_linear, panel_gemm, sgmv_kernel
 
         wanted = [adapter_kernels._EXTENSION]
         if self.device.type == "cpu":
-            wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION]
+            wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION, sgmv_kernel._EXTENSION]
             if packed_gemm and self.dtype == torch.float32:
                 wanted += [packed_linear._EXTENSION, panel_gemm._EXTENSION]
         return build_now(wanted)

@@ -19,8 +19,10 @@ Where the weights come from is the only difference between serving and training:
   input there, uses the same mask in forward and backward.
 
 A decode-heavy step with many distinct pooled adapters takes the batched path (:class:`_GatherPlan`): each row
-reads its own adapter's pages in place, one call per projection group (BGMV) — the compiled CPU kernel
-(``aspen.cpu_kernels``), the Triton kernel on CUDA (``aspen.triton_kernels``), else gathers and batched matmuls.
+reads its adapter's pages in place, one call per projection group. The plan puts one adapter's rows together;
+on the CPU with AVX-512 the SGMV kernel (``aspen.sgmv_kernel``) takes each such segment a few rows at a time,
+elsewhere each row goes alone (BGMV): the compiled CPU kernel (``aspen.cpu_kernels``), the Triton kernel on
+CUDA (``aspen.triton_kernels``), else gathers and batched matmuls.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ from aspen.batch import FlatBatch
 from aspen.cpu_kernels import bgmv_add, kernel
 from aspen.lora_grad import SpanWork, add_group_delta
 from aspen.lora_pool import LoraPool, PooledAdapter
+from aspen.sgmv_kernel import kernel as sgmv_kernel
+from aspen.sgmv_kernel import sgmv_add
 
 # decode rows (single tokens) with adapters take the batched path once a step has this many of them
 GATHER_MIN_SEGMENTS = 8
@@ -45,6 +49,9 @@ GATHER_MIN_SEGMENTS = 8
 # step of the 125M model, LoRA cost over the base step, session 7: 32 adapters x 2 prompts of 32-64 tokens,
 # +253 ms batched vs +404 ms in segments; 8 x 128 tokens, +82 vs +81 ms; 4 x 512 tokens, +169 vs +49 ms)
 SHORT_PREFILL_TOKENS = 128
+# ... and with the SGMV kernel (AVX-512), which takes an adapter's tokens 4 at a time (same step and model: 8 x 256
+# tokens, +98 ms SGMV vs +231 ms in segments; 4 x 512 tokens, +96 vs +106 ms)
+SGMV_PREFILL_TOKENS = 512
 # the torch fallback of the batched path gathers [rows, R, in] page rows: this many rows at a time
 FALLBACK_ROWS = 64
 
@@ -107,9 +114,10 @@ class LoraBatch:
             if slot >= 0 and adapters[slot] is not None:
                 by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
         cpu_kernel = pool.data.device.type == "cpu" and dtype == torch.float32 and kernel() is not None
+        limit = short_prefill_tokens()
         rows: list[tuple[int, int, PooledAdapter]] = []
         for slot, spans in by_slot.items():
-            short = cpu_kernel and sum(b - a for a, b in spans) <= SHORT_PREFILL_TOKENS
+            short = cpu_kernel and sum(b - a for a, b in spans) <= limit
             taken = [(a, b) for a, b in spans if b - a == 1 or short]
             rows += [(a, b, adapters[slot]) for a, b in taken]
         if not cpu_kernel and len(rows) < GATHER_MIN_SEGMENTS:
@@ -156,6 +164,11 @@ class LoraBatch:
         if spans:
             y = add_group_delta(x, y, spans, weights)
         return y
+
+
+def short_prefill_tokens() -> int:
+    """Up to how many prefill tokens of one adapter in a step take the batched CPU kernel (else: a segment)."""
+    return SGMV_PREFILL_TOKENS if sgmv_kernel() is not None else SHORT_PREFILL_TOKENS
 
 
 def _token_index(spans: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor:
@@ -237,7 +250,8 @@ def _triton_plan(parts: tuple[tuple[int, int, int, int], ...], width: int, in_fe
 
 @dataclass(frozen=True)
 class _GatherPlan:
-    tokens: torch.Tensor  # [N] flat token index of each single-token row
+    tokens: torch.Tensor  # [N] flat token index of each single-token row, one adapter's rows together
+    segments: torch.Tensor  # [S + 1] CPU long: rows segments[s] .. segments[s + 1] - 1 share adapter s
     groups: dict[str, _GatherGroup]
     triton_plans: dict = field(default_factory=dict)  # group -> the CUDA kernel's block plan (built on first use)
 
@@ -252,8 +266,11 @@ class _GatherPlan:
         row vector per distinct adapter repeated over its tokens (no per-token Python, no device syncs)."""
         distinct = list({id(ad): ad for _, _, ad in spans}.values())
         position = {id(ad): i for i, ad in enumerate(distinct)}
+        spans = sorted(spans, key=lambda span: position[id(span[2])])  # one adapter's rows together: segments
         which = np.asarray([position[id(ad)] for _, _, ad in spans], dtype=np.int64)
         lengths = np.asarray([b - a for a, b, _ in spans], dtype=np.int64)
+        per_adapter_rows = np.bincount(which, weights=lengths, minlength=len(distinct)).astype(np.int64)
+        segments = torch.from_numpy(np.concatenate([[0], np.cumsum(per_adapter_rows)]).astype(np.int64))
         groups: dict[str, _GatherGroup] = {}
         for g in {name for ad in distinct for name in ad.groups}:
             members = [ad.groups.get(g) for ad in distinct]
@@ -278,11 +295,13 @@ class _GatherPlan:
             groups[g] = _GatherGroup(torch.from_numpy(table).to(device), ref.in_features, tuple(layout),
                                      torch.tensor(layout, dtype=torch.long))
         tokens = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
-        return cls(torch.from_numpy(tokens).to(device), groups)
+        return cls(torch.from_numpy(tokens).to(device), segments, groups)
 
     def apply(self, pool: LoraPool, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = self.groups.get(group)
         if g is None:
+            return y
+        if sgmv_add(y, x, pool.data[layer], self.tokens, g.rows, self.segments, g.parts_tensor, g.in_features):
             return y
         if bgmv_add(y, x, pool.data[layer], self.tokens, g.rows, g.parts_tensor, g.in_features):
             return y

@@ -38,12 +38,12 @@ def test_lora_overhead_prefill_phase(home, tmp_path):
     import aspen.lora_op
     from benchmarks.lora_overhead import main
 
-    default = aspen.lora_op.SHORT_PREFILL_TOKENS
+    defaults = aspen.lora_op.SHORT_PREFILL_TOKENS, aspen.lora_op.SGMV_PREFILL_TOKENS
     try:
         r = main(["--shape", "tiny", "--repeats", "1", "--phase", "prefill", "--prompt-len", "5-9",
                   "--short-prefill-tokens", "0", "--out", str(tmp_path / "p.json")])
     finally:
-        aspen.lora_op.SHORT_PREFILL_TOKENS = default
+        aspen.lora_op.SHORT_PREFILL_TOKENS, aspen.lora_op.SGMV_PREFILL_TOKENS = defaults
     assert r["phase"] == "prefill" and 32 * 5 <= r["prompt_tokens"] <= 32 * 9
     assert r["short_prefill_tokens"] == 0 and r["target"] is None and r["lora_over_base"] > 0
 

@@ -131,18 +131,25 @@ def _block_tables(lengths: list[int], block_size: int) -> list[list[int]]:
     return tables
 
 
-def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
+@pytest.fixture
+def prefill_limit(monkeypatch):
+    """A limit of 40 prefill tokens per adapter for the batched kernel, whichever kernel this machine has: the
+    tiny model holds 256 positions, fewer than the engine's limits."""
+    monkeypatch.setattr(aspen.lora_op, "SHORT_PREFILL_TOKENS", 40)
+    monkeypatch.setattr(aspen.lora_op, "SGMV_PREFILL_TOKENS", 40)
+    return 40
+
+
+def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters, prefill_limit):
     """With the CPU kernel, an adapter's short prefill joins the batched rows; a long one stays a segment
     (matmuls); the logits match each sequence alone either way."""
     from aspen.cpu_kernels import kernel
-    from aspen.lora_op import SHORT_PREFILL_TOKENS
-
-    assert kernel() is not None
+    assert kernel() is not None and aspen.lora_op.short_prefill_tokens() == prefill_limit
     pool, pooled = model.pool_adapters(adapters[:2])
     seqs = [torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in (SHORT_PREFILL_TOKENS + 6, 10, 5)]
+            for n in (prefill_limit + 6, 10, 5)]
     slots = [0, 1, -1]
-    kv = model.new_kv_cache(num_blocks=64, block_size=4)
+    kv = model.new_kv_cache(num_blocks=256, block_size=4)
     tables = _block_tables([len(s) for s in seqs], 4)
     chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
     seen = {}
@@ -163,16 +170,15 @@ def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters):
         at += len(s)
 
 
-def test_an_adapters_prompts_apart_in_the_batch_form_one_segment_and_match_each_alone(model, adapters):
+def test_an_adapters_prompts_apart_in_the_batch_form_one_segment_and_match_each_alone(model, adapters,
+                                                                                       prefill_limit):
     """Two prompts of one adapter, with another adapter's prompt between them and too long together for the
     batched rows: one segment over scattered tokens (gathered, then added back row by row)."""
-    from aspen.lora_op import SHORT_PREFILL_TOKENS
-
     pool, pooled = model.pool_adapters(adapters[:2])
-    n = SHORT_PREFILL_TOKENS // 2 + 10
+    n = prefill_limit // 2 + 10
     seqs = [torch.randint(4, 320, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (n, 7, n + 1)]
     slots = [0, 1, 0]
-    kv = model.new_kv_cache(num_blocks=128, block_size=4)
+    kv = model.new_kv_cache(num_blocks=256, block_size=4)
     tables = _block_tables([len(s) for s in seqs], 4)
     chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
     seen = {}
@@ -206,3 +212,16 @@ def test_rows_are_added_in_place_by_either_scatter(rows):
         want[t] += delta[i]
     out = _add_rows(y, tokens, delta)
     assert out.data_ptr() == y.data_ptr() and torch.allclose(y, want, atol=1e-6)
+
+
+def test_the_batched_plan_puts_each_adapters_rows_together(model, adapters):
+    from aspen.lora_op import _GatherPlan
+
+    _, (a, b) = model.pool_adapters(adapters[:2])
+    plan = _GatherPlan.build([(0, 1, a), (1, 2, b), (2, 3, a), (3, 5, b), (5, 6, a)], torch.device("cpu"))
+    assert plan.tokens.tolist() == [0, 2, 5, 1, 3, 4]
+    assert plan.segments.tolist() == [0, 3, 6]
+    for g in plan.groups.values():  # a segment's rows read the same pages
+        assert all(torch.equal(g.rows[i], g.rows[0]) for i in range(3))
+        assert all(torch.equal(g.rows[i], g.rows[3]) for i in range(3, 6))
+        assert not torch.equal(g.rows[0], g.rows[3])
