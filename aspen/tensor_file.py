@@ -73,6 +73,13 @@ def _entries(header: dict, path: str) -> list[tuple[int, int, str, torch.dtype, 
 def _views(buf: torch.Tensor, base: int, entries: list[tuple[int, int, str, torch.dtype, list[int]]]
            ) -> dict[str, torch.Tensor]:
     """Tensor views of ``buf``, whose data section starts at byte ``base``."""
+    dtypes = {dtype for *_, dtype, _ in entries}
+    if len(dtypes) == 1 and entries and base % (size := next(iter(dtypes)).itemsize) == 0:
+        # one dtype, aligned (an adapter): the data section split into every tensor by one call, then shaped
+        (dtype,) = dtypes
+        flat = buf[base:base + entries[-1][1]].view(dtype)
+        pieces = flat.split([(end - begin) // size for begin, end, *_ in entries])
+        return {name: piece.view(shape) for piece, (_, _, name, _, shape) in zip(pieces, entries)}
     typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer seen as each dtype: two torch calls per tensor
     out = {}
     for begin, end, name, dtype, shape in entries:
