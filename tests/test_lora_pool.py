@@ -140,15 +140,10 @@ def prefill_limit(monkeypatch):
     return 40
 
 
-def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters, prefill_limit):
-    """With the CPU kernel, an adapter's short prefill joins the batched rows; a long one stays a segment
-    (matmuls); the logits match each sequence alone either way."""
-    from aspen.cpu_kernels import kernel
-    assert kernel() is not None and aspen.lora_op.short_prefill_tokens() == prefill_limit
-    pool, pooled = model.pool_adapters(adapters[:2])
-    seqs = [torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in (prefill_limit + 6, 10, 5)]
-    slots = [0, 1, -1]
+def _prefill(model, adapters, seqs: list[list[int]], slots: list[int]):
+    """One step prefilling ``seqs`` (adapter slot per sequence, -1: none) over ``adapters``; its logits, its
+    LoraBatch, and a check that every sequence's logits match the sequence scored alone."""
+    pool, pooled = model.pool_adapters(adapters)
     kv = model.new_kv_cache(num_blocks=256, block_size=4)
     tables = _block_tables([len(s) for s in seqs], 4)
     chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
@@ -159,43 +154,39 @@ def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters, 
         return lb
 
     logits = model.step(chunks, kv, make_lora)
-    lb = seen["lora"]
-    n0 = len(seqs[0])
-    assert lb.gathered.tokens.tolist() == list(range(n0, n0 + 10))  # the short prefill, one row per token
-    assert len(lb.segments) == 1 and lb.segments[0].tokens == slice(0, n0)  # the long one
     at = 0
     for s, k in zip(seqs, slots):
         alone = model.score(s, adapter=adapters[k] if k >= 0 else None, block_size=4)
         assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
         at += len(s)
+    return seen["lora"]
+
+
+def _tokens(*lengths: int) -> list[list[int]]:
+    return [torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+
+
+def test_short_prefills_take_the_kernel_and_long_ones_segments(model, adapters, prefill_limit):
+    """With the CPU kernel, an adapter's short prefill joins the batched rows; a long one stays a segment
+    (matmuls); the logits match each sequence alone either way."""
+    from aspen.cpu_kernels import kernel
+
+    assert kernel() is not None and aspen.lora_op.short_prefill_tokens() == prefill_limit
+    n0 = prefill_limit + 6
+    lb = _prefill(model, adapters[:2], _tokens(n0, 10, 5), [0, 1, -1])
+    assert lb.gathered.tokens.tolist() == list(range(n0, n0 + 10))  # the short prefill, one row per token
+    assert len(lb.segments) == 1 and lb.segments[0].tokens == slice(0, n0)  # the long one
 
 
 def test_an_adapters_prompts_apart_in_the_batch_form_one_segment_and_match_each_alone(model, adapters,
                                                                                        prefill_limit):
     """Two prompts of one adapter, with another adapter's prompt between them and too long together for the
     batched rows: one segment over scattered tokens (gathered, then added back row by row)."""
-    pool, pooled = model.pool_adapters(adapters[:2])
     n = prefill_limit // 2 + 10
-    seqs = [torch.randint(4, 320, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (n, 7, n + 1)]
-    slots = [0, 1, 0]
-    kv = model.new_kv_cache(num_blocks=256, block_size=4)
-    tables = _block_tables([len(s) for s in seqs], 4)
-    chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
-    seen = {}
-
-    def make_lora(b):
-        seen["lora"] = lb = LoraBatch.for_step(b, pooled, pool)
-        return lb
-
-    logits = model.step(chunks, kv, make_lora)
-    (seg,) = seen["lora"].segments
-    assert isinstance(seg.tokens, torch.Tensor) and seg.tokens.tolist() == list(range(n)) + list(
-        range(n + 7, 2 * n + 8))
-    at = 0
-    for s, k in zip(seqs, slots):
-        alone = model.score(s, adapter=adapters[k], block_size=4)
-        assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
-        at += len(s)
+    lb = _prefill(model, adapters[:2], _tokens(n, 7, n + 1), [0, 1, 0])
+    (seg,) = lb.segments
+    assert isinstance(seg.tokens, torch.Tensor)
+    assert seg.tokens.tolist() == list(range(n)) + list(range(n + 7, 2 * n + 8))
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 64])
