@@ -31,6 +31,7 @@ _SOURCE = r"""
 #include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <utility>
 #include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -128,16 +129,13 @@ template <typename P>
 static void sgmv_impl(float* Y, const float* X, const P* pool, const int64_t* tok, const int64_t* RW,
                       const int64_t* seg, int64_t S, int64_t R, int64_t W, const int64_t* PT, int64_t K, int64_t xs,
                       int64_t ys, int64_t in) {
-  std::vector<int64_t> work;  // first row of each block of <= 4 rows of one segment
+  std::vector<std::pair<int64_t, int64_t>> work;  // [first, end) rows of each block of <= 4 rows of one segment
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t n = seg[s]; n < seg[s + 1]; n += 4) work.push_back(n);
-  std::vector<int64_t> end_of(work.size());
-  for (int64_t s = 0, w = 0; s < S; ++s)
-    for (int64_t n = seg[s]; n < seg[s + 1]; n += 4) end_of[w++] = std::min(n + 4, seg[s + 1]);
+    for (int64_t n = seg[s]; n < seg[s + 1]; n += 4) work.emplace_back(n, std::min(n + 4, seg[s + 1]));
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> xa(4 * R);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t n = work[w], T = end_of[w] - n;
+      const int64_t n = work[w].first, T = work[w].second - n;
       const int64_t* rw = RW + n * R;  // a segment's rows share their page rows
       switch (T) {
         case 4: block<4>(Y, X, pool, tok + n, rw, R, W, PT, K, xs, ys, in, xa.data()); break;
@@ -158,19 +156,18 @@ void sgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tenso
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && pool.is_contiguous() && rows.is_contiguous() &&
               tok.is_contiguous() && seg.is_contiguous() && parts.is_contiguous(),
               "sgmv_add: contiguous tensors expected");
-  TORCH_CHECK(seg.dim() == 1 && seg.size(0) >= 1 && seg[0].item<int64_t>() == 0 &&
-              seg[-1].item<int64_t>() == rows.size(0) && tok.size(0) == rows.size(0),
-              "sgmv_add: segment offsets from 0 to the number of rows expected");
-  for (int64_t s = 0; s + 1 < seg.size(0); ++s)
-    TORCH_CHECK(seg.data_ptr<int64_t>()[s] <= seg.data_ptr<int64_t>()[s + 1],
-                "sgmv_add: segment offsets must not decrease");
+  TORCH_CHECK(seg.dim() == 1 && seg.size(0) >= 1 && seg.scalar_type() == torch::kLong && seg.device().is_cpu() &&
+              tok.size(0) == rows.size(0), "sgmv_add: segment offsets from 0 to the number of rows expected");
+  const int64_t* SG = seg.data_ptr<int64_t>();  // read in place: this runs once per layer and projection group
+  const int64_t S = seg.size(0) - 1;
+  TORCH_CHECK(SG[0] == 0 && SG[S] == rows.size(0), "sgmv_add: segment offsets from 0 to the number of rows expected");
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(SG[s] <= SG[s + 1], "sgmv_add: segment offsets must not decrease");
 #ifdef SGMV_BUILT
-  const int64_t S = seg.size(0) - 1, R = rows.size(1), W = pool.size(1), K = parts.size(0);
+  const int64_t R = rows.size(1), W = pool.size(1), K = parts.size(0);
   float* Y = y.data_ptr<float>();
   const float* X = x.data_ptr<float>();
   const int64_t* T_ = tok.data_ptr<int64_t>();
   const int64_t* RW = rows.data_ptr<int64_t>();
-  const int64_t* SG = seg.data_ptr<int64_t>();
   const int64_t* PT = parts.data_ptr<int64_t>();
   pybind11::gil_scoped_release no_gil;
   switch (pool.scalar_type()) {
@@ -200,7 +197,7 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
-_EXTENSION = LazyExtension("aspen_sgmv_v2", _SOURCE, ["built_for_avx512", "sgmv_add"], "SGMV kernel",
+_EXTENSION = LazyExtension("aspen_sgmv_v3", _SOURCE, ["built_for_avx512", "sgmv_add"], "SGMV kernel",
                            cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",), available=_avx512)
 
 
