@@ -18,6 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger("aspen.kernels")
 
 
+def cpu_has_avx512() -> bool:
+    """Whether torch runs this CPU at an AVX-512 capability (what the AVX-512-only kernels are built for)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+
+
 class LazyExtension:
     def __init__(self, name: str, source: str, functions: Sequence[str], what: str,
                  cflags: Sequence[str] = ("-O2",), ldflags: Sequence[str] = (),

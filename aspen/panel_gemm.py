@@ -18,9 +18,7 @@ elsewhere :func:`kernel` is None and callers keep MKL's layout.
 """
 from __future__ import annotations
 
-import torch
-
-from aspen.extension import LazyExtension
+from aspen.extension import LazyExtension, cpu_has_avx512
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -147,13 +145,9 @@ void panel_mm(torch::Tensor out, torch::Tensor x, torch::Tensor panels) {
 """
 
 
-def _avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-
-
 _EXTENSION = LazyExtension("aspen_panel_gemm_v3", _SOURCE, ["built_for_avx512", "pack_panels", "panel_mm"],
                            "panel-GEMM extension", cflags=("-O3", "-march=native", "-fopenmp"),
-                           ldflags=("-fopenmp",), available=_avx512)
+                           ldflags=("-fopenmp",), available=cpu_has_avx512)
 
 
 def kernel():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from aspen.extension import LazyExtension
+from aspen.extension import LazyExtension, cpu_has_avx512
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -193,12 +193,8 @@ void sgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tenso
 POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _avx512() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-
-
 _EXTENSION = LazyExtension("aspen_sgmv_v3", _SOURCE, ["built_for_avx512", "sgmv_add"], "SGMV kernel",
-                           cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",), available=_avx512)
+                           cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",), available=cpu_has_avx512)
 
 
 def kernel():

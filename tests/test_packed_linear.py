@@ -10,13 +10,14 @@ from torch import nn
 
 import aspen
 from aspen import panel_gemm
+from aspen.extension import cpu_has_avx512
 from aspen.packed_linear import PackedLinear, PackedMatrix, available, backend_of, kernel, pack_model
 from aspen.quantize import weight_bytes
 
 BACKENDS = [
     pytest.param("mkl", marks=pytest.mark.skipif(not torch.backends.mkl.is_available(),
                                                  reason="torch built without MKL")),
-    pytest.param("panels", marks=pytest.mark.skipif(not panel_gemm._avx512(), reason="no AVX-512 on this CPU")),
+    pytest.param("panels", marks=pytest.mark.skipif(not cpu_has_avx512(), reason="no AVX-512 on this CPU")),
 ]
 
 
@@ -112,13 +113,13 @@ def test_backend_choice_is_explicit_and_checked():
     with pytest.raises(ValueError, match="backend must be one of"):
         PackedMatrix(torch.randn(4, 4), transposed=True, backend="blas")
     # against what the CPU and the torch build offer (an extension that fails to build where it should fails here)
-    assert available("panels") == (panel_gemm.kernel() is not None) == panel_gemm._avx512()
+    assert available("panels") == (panel_gemm.kernel() is not None) == cpu_has_avx512()
     assert available("mkl") == (kernel() is not None) == torch.backends.mkl.is_available()
     if available("panels"):  # "auto" takes the panels where they are built
         assert PackedMatrix(torch.randn(4, 4), transposed=True).backend == "panels"
 
 
-@pytest.mark.skipif(not panel_gemm._avx512(), reason="no AVX-512 on this CPU")
+@pytest.mark.skipif(not cpu_has_avx512(), reason="no AVX-512 on this CPU")
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(0, 400), n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_panel_kernel_equals_mm_for_any_shape(m, n, k, seed):
