@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from aspen.errors import AdapterError, AspenError, CheckpointError
 
 if TYPE_CHECKING:
-    from aspen.llm import LanguageModel
+    from aspen.language_model import LanguageModel
 
 __all__ = ["AdapterError", "AspenError", "CheckpointError", "LanguageModel", "load_model"]
 __version__ = "0.1.0"
@@ -19,15 +19,15 @@ __version__ = "0.1.0"
 
 def load_model(path: str, dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
                progress: bool = True) -> LanguageModel:
-    """Load a local Hugging Face checkpoint; see :func:`aspen.llm.load_model`."""
-    from aspen.llm import load_model as _load
+    """Load a local Hugging Face checkpoint; see :func:`aspen.language_model.load_model`."""
+    from aspen.language_model import load_model as _load
 
     return _load(path, dtype=dtype, quantize=quantize, device=device, progress=progress)
 
 
 def __getattr__(name: str) -> Any:
     if name == "LanguageModel":
-        from aspen.llm import LanguageModel
+        from aspen.language_model import LanguageModel
 
         return LanguageModel
     raise AttributeError(name)

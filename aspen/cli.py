@@ -10,12 +10,12 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("aspen.demo.command", "build the embedded demo model (cached) and print generations"),
+    "demo": ("engine.demo_command", "build the embedded demo model (cached) and print generations"),
     "train": ("aspen.train.command", "fine-tune several LoRA adapters at once on one base"),
-    "serve": ("engine.serve_command", "serve the base model and its LoRA adapters over gRPC"),
+    "serve": ("engine.server.command", "serve the base model and its LoRA adapters over gRPC"),
     "generate": ("clients.generate_command", "generate text from a running server (streams to the terminal)"),
     "adapters": ("clients.adapters_command", "list, load or unload adapters on a running server"),
-    "loadtest": ("clients.loadtest_command", "drive a running server with a synthetic multi-adapter workload"),
+    "loadtest": ("clients.loadtest.command", "drive a running server with a synthetic multi-adapter workload"),
     "bench": ("benchmarks.bench_command", "run a benchmark (see BENCHMARKS.md)"),
 }
 

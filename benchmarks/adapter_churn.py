@@ -6,7 +6,7 @@ Targets: p99 TTFT with many adapters <= 2x the same load on a single adapter; di
 all-module adapter of the 125M model <= 10 ms; plus the device-cache hit rate.
 
 1. ``--num-adapters`` (1000) synthetic rank-16 adapters on all seven projections (11.2 MB each for the 125M
-   model) are made once under ``$ASPEN_HOME/bench`` (:mod:`clients.synthetic_adapters`).
+   model) are made once under ``$ASPEN_HOME/bench`` (:mod:`aspen.lora.peft.synthetic`).
 2. Adapter load time, in process: ``LLMEngine.load_adapter`` (read + validate the safetensors file, copy into
    the LoRA pool) timed for ``--load-samples`` adapters never read before by that engine, once with the files
    in the OS page cache ("warm") and once after ``posix_fadvise(DONTNEED)`` dropped them from it ("cold").
@@ -195,12 +195,19 @@ def ms_stats(xs: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from aspen.config import ModelConfig
-    from aspen.lora_pool import LoraPool
+    from aspen.lora.peft.synthetic import adapter_name
+    from aspen.lora.pool import LoraPool
+    from aspen.model.config import ModelConfig
     from benchmarks.engine_lora import bench_adapters, pages_per_adapter
-    from clients.loadtest import DriverConfig, LengthSpec, RunResult, WorkloadConfig, build_workload, drive
-    from clients.loadtest_report import summarize, write_outputs
-    from clients.synthetic_adapters import adapter_name
+    from clients.loadtest.driver import (
+        DriverConfig,
+        LengthSpec,
+        RunResult,
+        WorkloadConfig,
+        build_workload,
+        drive,
+    )
+    from clients.loadtest.report import summarize, write_outputs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")

@@ -54,7 +54,7 @@ def build_argv(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:  # benchmarks.common builds models with tests.tiny_models (a source-tree module)
+    if root not in sys.path:  # benchmarks.common builds models with tests.helpers.tiny_models (a source-tree module)
         sys.path.insert(0, root)
     module = importlib.import_module(f"benchmarks.{args.name}")
     module.main(build_argv(args))

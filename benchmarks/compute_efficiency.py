@@ -17,8 +17,8 @@ import argparse
 import torch
 
 import aspen
-from aspen.batch import SeqChunk
-from aspen.packed_linear import backend_of
+from aspen.model.batch import SeqChunk
+from aspen.model.packed_linear import backend_of
 from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
 
 

@@ -6,7 +6,7 @@
 Both engines load the same checkpoint and take the same 32 requests (fixed seed: prompts of 32-64 random token
 ids, 32 new tokens each, greedy, EOS ignored) in one ``generate`` call; request i uses adapter i in the LoRA
 engine. Prefix caching is off (repeats must not reuse KV) and the KV pool holds every request (no preemption).
-The adapters are made once by :mod:`clients.synthetic_adapters` under ``$ASPEN_HOME/bench`` and made resident
+The adapters are made once by :mod:`aspen.lora.peft.synthetic` under ``$ASPEN_HOME/bench`` and made resident
 by a warm-up call, so loading them is not timed. Runs alternate (base, LoRA, base, ...) after one warm-up each;
 the ratio is of the best runs (the medians are reported too).
 """
@@ -22,7 +22,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def bench_adapters(shape: str, num: int, rank: int = 16, targets: str = "all", progress: bool = True) -> str:
     """The adapter root with (at least) ``num`` synthetic adapters adapter-0000.. for the bench model ``shape``
     (made once, then reused and extended)."""
-    from clients.synthetic_adapters import make_adapters
+    from aspen.lora.peft.synthetic import make_adapters
 
     root = os.path.join(bench_home(), f"adapters-{shape}-r{rank}-{targets}")
     make_adapters(bench_model(shape), root, num, rank=rank, targets=targets, progress=progress)
@@ -37,6 +37,7 @@ def pages_per_adapter(rank: int = 16, targets: tuple[str, ...] = ALL) -> int:
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
+    from aspen.lora.peft.synthetic import adapter_name
     from benchmarks.vs_transformers import (
         BenchRequest,
         engine_generate,
@@ -46,7 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
         sync,
         useful_tokens,
     )
-    from clients.synthetic_adapters import adapter_name
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the tiny model, 4 adapters (smoke test)")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.adapters or (4 if args.tiny else 32)
     out_len = args.output_len or (8 if args.tiny else 32)
     path = bench_model(shape)
-    from aspen.config import ModelConfig
+    from aspen.model.config import ModelConfig
 
     vocab = ModelConfig.from_dir(path).vocab_size
     plen = (8, 16) if args.tiny else (32, 64)

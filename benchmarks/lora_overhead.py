@@ -18,12 +18,12 @@ import argparse
 import torch
 
 import aspen
-import aspen.lora_op
-from aspen.batch import SeqChunk
-from aspen.config import LORA_TARGETS
-from aspen.lora_op import LoraBatch
-from aspen.packed_linear import backend_of
-from aspen.peft_write import random_adapter
+import aspen.lora.op
+from aspen.lora.op import LoraBatch
+from aspen.lora.peft.writer import random_adapter
+from aspen.model.batch import SeqChunk
+from aspen.model.config import LORA_TARGETS
+from aspen.model.packed_linear import backend_of
 from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "--prompt-len tokens")
     ap.add_argument("--prompt-len", default="32-64", help="prefill phase: prompt lengths, 'N' or 'LO-HI'")
     ap.add_argument("--short-prefill-tokens", type=int, default=None,
-                    help="override aspen.lora_op's limits on the prefill tokens per adapter that take the "
+                    help="override aspen.lora.op's limits on the prefill tokens per adapter that take the "
                          "batched kernel (0: every prefill by matmul segments)")
     ap.add_argument("--packed-backend", choices=("auto", "mkl", "panels"), default="auto",
                     help="packed GEMM layout (auto: our AVX-512 panels where built, else MKL's)")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.short_prefill_tokens is not None:
-        aspen.lora_op.SHORT_PREFILL_TOKENS = aspen.lora_op.SGMV_PREFILL_TOKENS = args.short_prefill_tokens
+        aspen.lora.op.SHORT_PREFILL_TOKENS = aspen.lora.op.SGMV_PREFILL_TOKENS = args.short_prefill_tokens
 
     model = aspen.load_model(bench_model(args.shape), device=args.device, progress=False)
     packed = 0 if args.no_packed_gemm else model.pack_for_inference(args.packed_backend)  # as the engine does
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": args.rows, "distinct_adapters": args.adapters, "rank": args.rank, "targets": list(LORA_TARGETS),
         "phase": args.phase, "context": args.context, "repeats": args.repeats,
         "prompt_tokens": sum(len(c.token_ids) for c in lora_chunks) if args.phase == "prefill" else None,
-        "short_prefill_tokens": aspen.lora_op.short_prefill_tokens(),
+        "short_prefill_tokens": aspen.lora.op.short_prefill_tokens(),
         "base_step_ms_best": round(best(t_base) * 1e3, 2), "lora_step_ms_best": round(best(t_lora) * 1e3, 2),
         "base_step_ms_median": round(median(t_base) * 1e3, 2), "lora_step_ms_median": round(median(t_lora) * 1e3, 2),
         "lora_over_base": round(ratio, 3), "lora_over_base_median": round(median(t_lora) / median(t_base), 3),

@@ -3,7 +3,7 @@ relative to fp32, on the same requests.
 
     python -m benchmarks.quantized [--tiny] [--device cpu|cuda] [--modes int8,nf4] [--out report.json]
 
-Memory per parameter = :func:`aspen.quantize.weight_bytes` summed over every projection module (the quantized
+Memory per parameter = :func:`aspen.model.quantize.weight_bytes` summed over every projection module (the quantized
 ones: qkv, o, gate_up, down of each layer; quantization state such as absmax / SCB included) / their parameter
 count (in x out features, + bias). Embeddings, norms and the LM head stay fp32 in every mode and are excluded.
 Throughput = generated tokens / wall time of one ``LLMEngine.generate`` over ``--requests`` (16) requests of 32
@@ -20,7 +20,7 @@ from benchmarks.common import bench_model, best, device_name, median, write_repo
 
 def projection_bytes(llm) -> tuple[int, int]:
     """(bytes stored, parameters) over the projection modules of every layer."""
-    from aspen.quantize import _GROUPS, weight_bytes
+    from aspen.model.quantize import _GROUPS, weight_bytes
 
     stored = params = 0
     for layer in llm.model.model.model.layers:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else "125m"
     path = bench_model(shape)
-    from aspen.config import ModelConfig
+    from aspen.model.config import ModelConfig
 
     vocab = ModelConfig.from_dir(path).vocab_size
     out_len = args.output_len or (4 if args.tiny else 16)

@@ -5,7 +5,7 @@
 
 Workload: that of :mod:`benchmarks.vs_transformers` (fixed seed; prompts 32-64 tokens, outputs 16-128 tokens,
 greedy, EOS ignored), request i uses adapter i % 32. The 32 adapters are synthetic PEFT directories
-(:mod:`clients.synthetic_adapters`, under ``$ASPEN_HOME/bench``), the same files for every system.
+(:mod:`aspen.lora.peft.synthetic`, under ``$ASPEN_HOME/bench``), the same files for every system.
 
 * PEFT mixed batch: one ``PeftModel`` holding all 32 adapters (``from_pretrained`` + ``load_adapter``); the
   requests in order, in left-padded batches of ``--batch-size`` (32: each batch then holds 32 distinct adapters),
@@ -40,6 +40,7 @@ def load_peft(path: str, adapter_dirs: list[str], names: list[str], device: str)
 def main(argv: list[str] | None = None) -> dict:
     import os
 
+    from aspen.lora.peft.synthetic import adapter_name
     from benchmarks.engine_lora import bench_adapters, pages_per_adapter
     from benchmarks.vs_transformers import (
         BenchRequest,
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> dict:
         useful_tokens,
         workload_from_args,
     )
-    from clients.synthetic_adapters import adapter_name
 
     ap = common_args(__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=None, help="distinct adapters (default 32; tiny 4)")

@@ -94,7 +94,7 @@ def load_hf(path: str, device: str):
 
 def make_engine(path: str, device: str, requests: list[BenchRequest], adapter_dir: str | None = None, **options):
     """An LLMEngine sized for ``requests``: every one admitted at once, KV for all (no preemption)."""
-    from aspen.config import ModelConfig
+    from aspen.model.config import ModelConfig
     from engine.llm_engine import LLMEngine
 
     block = 16
@@ -107,7 +107,7 @@ def make_engine(path: str, device: str, requests: list[BenchRequest], adapter_di
 
 
 def engine_generate(llm, requests: list[BenchRequest], adapter_ids: list[str] | None = None) -> None:
-    from engine.sampling_params import SamplingParams
+    from engine.scheduling.sampling_params import SamplingParams
 
     params = [SamplingParams(max_new_tokens=r.max_new_tokens, temperature=0.0, ignore_eos=True) for r in requests]
     adapters = [adapter_ids[r.adapter] if adapter_ids and r.adapter >= 0 else None for r in requests]
@@ -141,7 +141,7 @@ def workload_from_args(args, num_adapters: int = 0) -> tuple[str, list[BenchRequ
     """(model path, requests, HF batch size) for --tiny or the 125M configuration."""
     shape = "tiny" if args.tiny else "125m"
     path = bench_model(shape)
-    from aspen.config import ModelConfig
+    from aspen.model.config import ModelConfig
 
     vocab = ModelConfig.from_dir(path).vocab_size
     if args.tiny:

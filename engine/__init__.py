@@ -12,7 +12,7 @@ __all__ = ["AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "Samp
 _LAZY = {
     "LLMEngine": "engine.llm_engine",
     "AsyncLLMEngine": "engine.async_engine",
-    "SamplingParams": "engine.sampling_params",
+    "SamplingParams": "engine.scheduling.sampling_params",
     "EngineConfig": "engine.config",
     "RequestOutput": "engine.outputs",
 }

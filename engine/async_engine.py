@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.scheduling.sampling_params import SamplingParams
 
 log = logging.getLogger("aspen.engine")
 

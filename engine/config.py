@@ -27,7 +27,7 @@ class EngineConfig:
     # with many distinct adapters reads (the LoRA math stays in the model's dtype; the weights are rounded)
     adapter_dtype: str = "auto"
     seed: int | None = None  # seed of the sampler's shared generator (unseeded requests)
-    # float32 on the CPU: hold the weights in a packed GEMM layout (aspen.packed_linear: our AVX-512 panels where
+    # float32 on the CPU: hold the weights in a packed GEMM layout (aspen.model.packed_linear: our AVX-512 panels where
     # built, else MKL's), ~25% faster projections at decode batch sizes, same memory; no effect on other devices
     # or dtypes (quantized models: the float32 LM head only)
     packed_gemm: bool = True

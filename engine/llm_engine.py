@@ -19,20 +19,20 @@ from collections.abc import Sequence
 
 import aspen
 from aspen.errors import AdapterNotFoundError, AdapterPathError
-from aspen.kv_cache import KVCache
-from aspen.llm import parse_dtype
-from aspen.lora_pool import LoraPool
-from engine.adapter_backend import LoraBackend
-from engine.adapter_cache import AdapterCache, AdapterInfo
-from engine.adapter_paths import list_adapter_dirs, validate_adapter_id
-from engine.block_manager import BlockManager
+from aspen.language_model import parse_dtype
+from aspen.lora.pool import LoraPool
+from aspen.model.kv_cache import KVCache
+from engine.adapters.cache import AdapterCache, AdapterInfo
+from engine.adapters.paths import list_adapter_dirs, validate_adapter_id
 from engine.config import EngineConfig
+from engine.lora_backend import LoraBackend
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
-from engine.request import FinishReason, Request
 from engine.request_state import RequestState
-from engine.sampling_params import SamplingParams, SamplingParamsError
-from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from engine.scheduling.block_manager import BlockManager
+from engine.scheduling.request import FinishReason, Request
+from engine.scheduling.sampling_params import SamplingParams, SamplingParamsError
+from engine.scheduling.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 log = logging.getLogger("aspen.engine")
 

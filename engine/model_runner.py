@@ -1,7 +1,7 @@
 """The device side of a step: owns the KV cache and the LoRA pool, runs the model, samples.
 
 The scheduler (pure Python) says which token ranges of which requests run; the runner turns that into one
-flat batch (:class:`aspen.batch.SeqChunk` per request), attaches each request's pooled adapter, runs the model
+flat batch (:class:`aspen.model.batch.SeqChunk` per request), attaches each request's pooled adapter, runs the model
 once and samples one token for every chunk that reached the end of its known tokens.
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from aspen.batch import LOGITS_LAST, LOGITS_NONE, SeqChunk
-from aspen.kv_cache import KVCache
-from aspen.llm import LanguageModel
-from aspen.lora_op import LoraBatch
-from aspen.lora_pool import LoraPool, PooledAdapter
+from aspen.language_model import LanguageModel
+from aspen.lora.op import LoraBatch
+from aspen.lora.pool import LoraPool, PooledAdapter
+from aspen.model.batch import LOGITS_LAST, LOGITS_NONE, SeqChunk
+from aspen.model.kv_cache import KVCache
 from engine.sampler import Sampler, SampleResult, SamplingState
-from engine.scheduler import ScheduledChunk
+from engine.scheduling.scheduler import ScheduledChunk
 
 
 class ModelRunner:

@@ -8,8 +8,8 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestOutput, TokenLogprob
-from engine.request import FinishReason, Request
 from engine.sampler import SampleResult, SamplingState
+from engine.scheduling.request import FinishReason, Request
 
 
 class RequestState:

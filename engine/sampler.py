@@ -1,7 +1,7 @@
 """Batched token sampling over one decoding step.
 
 :class:`Sampler` turns logits ``[B, V]`` into one token per row, each row with its own
-:class:`~engine.sampling_params.SamplingParams` and token history (a :class:`SamplingState`). Per row, in order:
+:class:`~engine.scheduling.sampling_params.SamplingParams` and token history (a :class:`SamplingState`). Per row, in order:
 
 1. penalties: repetition (HF, over prompt + output), then frequency and presence (OpenAI, over output);
 2. ``min_new_tokens``: while ``len(output) < min_new_tokens`` the ``stop_token_ids`` and, unless ``ignore_eos``,
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from engine.scheduling.sampling_params import SamplingParams
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -1,7 +1,7 @@
 """Training mode: fine-tune several LoRA adapters at once on one shared (optionally quantized) base model.
 
 The micro-batches of every active adapter are packed into one flat batch, the frozen base runs once over it, and
-each token gets its own adapter's delta from the same LoRA op the server uses (:mod:`aspen.lora_op`); the loss,
+each token gets its own adapter's delta from the same LoRA op the server uses (:mod:`aspen.lora.op`); the loss,
 optimizer, schedule, gradient accumulation, early stopping and hyperparameter search are per adapter.
 
     from aspen.train import load_config, Trainer

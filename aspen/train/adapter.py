@@ -1,4 +1,4 @@
-"""A trainable LoRA adapter: the training-side :class:`~aspen.lora_op.WeightSource` of the shared LoRA op.
+"""A trainable LoRA adapter: the training-side :class:`~aspen.lora.op.WeightSource` of the shared LoRA op.
 
 It holds ``nn.Parameter`` A ``[r, in]`` and B ``[out, r]`` per (layer, projection) and answers
 ``group_weights(layer, group)`` in the op's packed layout: the A rows of the group's targeted projections stacked
@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from aspen.config import LORA_TARGETS, ModelConfig
-from aspen.model import GROUPS
-from aspen.peft_io import LoraAdapter, LoraWeights
-from aspen.peft_write import save_peft_adapter
+from aspen.lora.peft.reader import LoraAdapter, LoraWeights
+from aspen.lora.peft.writer import save_peft_adapter
+from aspen.model.config import LORA_TARGETS, ModelConfig
+from aspen.model.decoder import GROUPS
 
 
 def _key(layer: int, proj: str, kind: str) -> str:

@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aspen.config import LORA_TARGETS
 from aspen.errors import AspenError
-from aspen.quantize import QUANT_MODES
+from aspen.model.config import LORA_TARGETS
+from aspen.model.quantize import QUANT_MODES
 
 log = logging.getLogger(__name__)
 

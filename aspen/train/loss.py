@@ -30,7 +30,7 @@ class FrozenHead:
         self.chunk = max(1, CHUNK_ELEMENTS // self.vocab)
         self._fwd = self._bwd = None
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
-            from aspen.packed_linear import PackedMatrix, available
+            from aspen.model.packed_linear import PackedMatrix, available
 
             # MKL's layout where there is one: the panels were measured at inference's row counts, not for this
             backend = "mkl" if available("mkl") else "auto"

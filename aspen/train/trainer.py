@@ -1,9 +1,9 @@
 """The fused multi-adapter training loop.
 
 One *fused step* takes the next micro-batch of every active adapter (candidate), packs all their sequences into
-one :class:`~aspen.batch.FlatBatch` (one :class:`~aspen.batch.SeqChunk` per sequence, start_pos 0, its own blocks
+one :class:`~aspen.model.batch.FlatBatch` (one :class:`~aspen.model.batch.SeqChunk` per sequence, start_pos 0, its own blocks
 of a fresh KV cache, ``adapter_slot`` = the adapter's slot), and runs the frozen base once over it with a
-:class:`~aspen.lora_op.LoraBatch` holding one :class:`~aspen.lora_op.Segment` per adapter — the server's LoRA op,
+:class:`~aspen.lora.op.LoraBatch` holding one :class:`~aspen.lora.op.Segment` per adapter — the server's LoRA op,
 fed by each adapter's trainable weights. Only the label tokens' hidden states go through the frozen head
 (:mod:`aspen.train.loss`, chunked: the [tokens, vocab] logits are never held whole). The loss of adapter k is the
 sum of its tokens' NLL over the label tokens of its micro-batch, divided by the number of label tokens in its
@@ -31,9 +31,9 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
-from aspen.batch import LOGITS_ALL, FlatBatch, SeqChunk
 from aspen.errors import AspenError
-from aspen.lora_op import LoraBatch, Segment
+from aspen.lora.op import LoraBatch, Segment
+from aspen.model.batch import LOGITS_ALL, FlatBatch, SeqChunk
 from aspen.train.config import AdapterSpec, TrainConfig, TrainConfigError
 from aspen.train.data import IGNORE, Example, dataset_key, load_dataset
 from aspen.train.loss import FrozenHead, token_nll
@@ -71,7 +71,7 @@ def trainable_base(model: torch.nn.Module) -> Iterator[None]:
 
 
 class Trainer:
-    """Trains every adapter of ``config`` on ``lm`` (a :class:`~aspen.llm.LanguageModel`) in fused batches.
+    """Trains every adapter of ``config`` on ``lm`` (a :class:`~aspen.language_model.LanguageModel`) in fused batches.
 
     ``on_saved(name, path)`` is called after each adapter is saved (e.g. to load it into a running server).
     """

@@ -1,0 +1,180 @@
+"""A loaded base model with its tokenizer: what :func:`aspen.load_model` returns."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from aspen.errors import CheckpointError
+from aspen.kernels.extension import build_now
+from aspen.lora.op import LoraBatch
+from aspen.lora.pool import LoraPool, PooledAdapter, pages_needed
+from aspen.model.batch import LOGITS_ALL, FlatBatch, SeqChunk
+from aspen.model.config import ModelConfig
+from aspen.model.decoder import DecoderModel
+from aspen.model.kv_cache import KVCache
+from aspen.model.loader import build_model
+from aspen.model.quantize import check_mode, quantize_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 -- transformers raises many types here; name the directory
+        raise CheckpointError(f"checkpoint {path!r}: tokenizer could not be loaded ({e})") from None
+
+
+class LanguageModel:
+    """The frozen base model, its tokenizer and config; runs steps over a paged KV cache."""
+
+    def __init__(self, model: DecoderModel, tokenizer, path: str, dtype: torch.dtype, quantize: str,
+                 device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.dtype = dtype
+        self.quantize = quantize
+        self.device = device
+        self.adapters: dict[str, object] = {}  # adapter id -> aspen.lora.peft.reader.LoraAdapter (registered for score)
+        self.packed = False  # weights in a packed GEMM layout (inference only; see pack_for_inference)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def pack_for_inference(self, backend: str = "auto") -> int:
+        """Hold the float32 CPU projections and LM head in a packed GEMM layout (``aspen.model.packed_linear``; backend
+        "auto", "mkl" or "panels"): faster decode steps, same memory; irreversible — the model can no longer be
+        trained. Returns how many layers were packed (0 on other devices or dtypes, or without a backend; a
+        quantized model's LM head only)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return 0
+        from aspen.model.packed_linear import pack_model
+
+        n = pack_model(self.model, backend)
+        self.packed = self.packed or n > 0
+        return n
+
+    def build_kernels(self, packed_gemm: bool = True) -> dict[str, bool]:
+        """Compile now the C++ extensions this model's CPU paths use (in parallel; cached once per machine), so
+        that no request or training step pays for it. Returns {extension: available}. On other devices only the
+        adapter-loading kernels apply (adapters are validated on the host)."""
+        from aspen.kernels import adapter_kernels, cpu_kernels, fused_ops, panel_gemm
+        from aspen.kernels import sgmv as sgmv_kernel
+        from aspen.model import packed_linear
+
+        wanted = [adapter_kernels._EXTENSION]
+        if self.device.type == "cpu":
+            wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION, sgmv_kernel._EXTENSION]
+            if packed_gemm and self.dtype == torch.float32:
+                wanted += [packed_linear._EXTENSION, panel_gemm._EXTENSION]
+        return build_now(wanted)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def step(self, chunks: Sequence[SeqChunk], kv: KVCache, make_lora=None) -> torch.Tensor:
+        """Run one flat step; returns float32 logits for the tokens the chunks asked for.
+
+        ``make_lora(batch) -> LoraHook`` builds the step's LoRA segments from the flat batch (or None).
+        """
+        batch = FlatBatch.build(chunks, kv.block_size, self.device, self.config.sliding_window)
+        return self.model(batch, kv, make_lora(batch) if make_lora is not None else None)
+
+    def read_adapter(self, path: str, allow_pickle: bool = False):
+        """Read and validate a PEFT adapter directory against this base (nothing is registered)."""
+        from aspen.lora.peft.reader import load_peft_adapter
+
+        return load_peft_adapter(path, self.config, allow_pickle=allow_pickle,
+                                 expected_base=self.config.name_or_path)
+
+    def load_adapter(self, adapter_id: str, path: str, allow_pickle: bool = False):
+        """Register a PEFT adapter directory under ``adapter_id`` (validated first; nothing half-loaded)."""
+        adapter = self.read_adapter(path, allow_pickle=allow_pickle)
+        self.adapters[adapter_id] = adapter
+        return adapter
+
+    def pool_adapters(self, adapters: Sequence, dtype: str | torch.dtype | None = None
+                      ) -> tuple[LoraPool, list[PooledAdapter]]:
+        """A pool just big enough for ``adapters`` (LoraAdapter objects), each written to its own pages; the pool
+        stores ``dtype`` (default: the model's)."""
+        sizes = [pages_needed(a) for a in adapters]
+        pool_dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        pool = LoraPool(self.config, max(1, sum(sizes)), dtype=pool_dtype, device=self.device)
+        pooled, start = [], 0
+        for a, n in zip(adapters, sizes):
+            pooled.append(pool.write(a, list(range(start, start + n))))
+            start += n
+        return pool, pooled
+
+    def _resolve_adapter(self, adapter):
+        if adapter is None or not isinstance(adapter, str):
+            return adapter
+        if adapter in self.adapters:
+            return self.adapters[adapter]
+        if os.path.isdir(adapter):
+            return self.read_adapter(adapter)
+        raise KeyError(f"adapter {adapter!r} is neither a registered adapter id nor a PEFT adapter directory")
+
+    def score(self, token_ids: Sequence[int], adapter=None, block_size: int = 16) -> torch.Tensor:
+        """Logits ``[len(token_ids), vocab]`` of one sequence, computed through the paged-KV path.
+
+        ``adapter``: None (base), a registered adapter id, a PEFT adapter directory, or a LoraAdapter.
+        The first half of the tokens is prefilled in two chunks, the rest decoded one token at a time; the
+        block table is deliberately non-contiguous (reversed) so paging is exercised.
+        """
+        adapter = self._resolve_adapter(adapter)
+        make_lora, adapter_slot = None, -1
+        if adapter is not None:
+            pool, pooled = self.pool_adapters([adapter])
+            make_lora, adapter_slot = (lambda b: LoraBatch.for_step(b, pooled, pool, self.dtype)), 0
+
+        ids = [int(t) for t in token_ids]
+        n = len(ids)
+        if n == 0:
+            raise ValueError("score needs at least one token")
+        if n > self.config.max_position_embeddings:
+            raise ValueError(f"{n} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        num_blocks = -(-n // block_size)
+        kv = self.new_kv_cache(num_blocks, block_size)
+        table = list(reversed(range(num_blocks)))
+        prompt = max(1, (n + 1) // 2)
+        cut = max(1, prompt // 2)
+        spans = [(0, cut)] + ([(cut, prompt)] if prompt > cut else [])
+        spans += [(i, i + 1) for i in range(prompt, n)]
+        out = []
+        for a, b in spans:
+            chunk = SeqChunk(ids[a:b], a, table, adapter_slot=adapter_slot, logits=LOGITS_ALL)
+            out.append(self.step([chunk], kv, make_lora))
+        return torch.cat(out, dim=0)
+
+
+def load_model(path: str, dtype: str | torch.dtype = "float32", quantize: str | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> LanguageModel:
+    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    torch_dtype = parse_dtype(dtype)
+    mode = check_mode(quantize)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+    path = os.path.abspath(os.path.expanduser(path))
+    model = build_model(path, dtype=torch_dtype, device=dev, progress=progress)
+    model = quantize_model(model, mode)
+    tokenizer = load_tokenizer(path)
+    return LanguageModel(model, tokenizer, path, torch_dtype, mode, dev)

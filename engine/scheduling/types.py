@@ -1,0 +1,88 @@
+"""The scheduler's interface types (pure Python, no torch): its config, what one step returns (the chunks,
+:class:`SchedulerOutput`), its counters, the adapter-pin protocol it needs and the error of a full queue.
+
+:class:`engine.scheduling.scheduler.Scheduler` uses them; :mod:`engine.scheduling.scheduler` re-exports them all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+from engine.scheduling.request import Request
+
+
+class QueueFullError(RuntimeError):
+    """``add`` refused a request: ``max_waiting`` requests are already queued."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        super().__init__(f"the waiting queue is full ({max_waiting} requests); retry later")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    chunked_prefill: bool = True  # False: a prompt is prefilled whole in one step
+    max_waiting: int = 0  # 0 = unbounded
+    max_head_skips: int = 32  # fairness bound, see the engine.scheduling.scheduler docstring
+
+    def __post_init__(self) -> None:
+        minimum = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 1,
+                   "max_waiting": 0, "max_head_skips": 0}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "chunked_prefill":
+                if not isinstance(value, bool):
+                    raise ValueError(f"chunked_prefill must be a bool, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < minimum[f.name]:
+                raise ValueError(f"{f.name} must be an int >= {minimum[f.name]}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute KV for ``request.all_token_ids[start:end]`` in this step.
+
+    ``sample``: the chunk reaches the last known token, so the step samples a new token for it.
+    ``block_table``: the request's KV blocks, covering at least ``end`` tokens.
+    """
+
+    request: Request
+    start: int
+    end: int
+    sample: bool
+    block_table: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[Request, ...]  # moved back to the waiting queue in this step
+    failed: tuple[Request, ...]  # finished with FinishReason.ERROR at admission, ``.error`` set
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run and nothing to report (the model runs iff ``chunks`` is non-empty)."""
+        return not (self.chunks or self.preempted or self.failed)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_steps: int  # schedule() calls that scheduled at least one chunk
+    num_preemptions: int
+    num_prefix_cached_tokens: int  # prefix-cache hits over all admissions, resumed ones included
+    num_failed: int
+
+
+class AdapterPins(Protocol):
+    """What the scheduler needs from the adapter cache (:class:`AdapterCache` satisfies it)."""
+
+    def acquire(self, adapter_id: str) -> Any: ...  # result with ``.ok`` and ``.generation``
+    def release(self, adapter_id: str) -> None: ...
+    def can_acquire(self, adapter_id: str) -> bool: ...

@@ -1,0 +1,282 @@
+"""The gRPC server: ``aspen.v1.GenerationService`` and ``aspen.v1.AdapterService`` over :class:`AsyncLLMEngine`.
+
+Lifecycle of an :class:`AspenServer`: :meth:`~AspenServer.bind` listens at once (health NOT_SERVING, every call
+answered UNAVAILABLE), :meth:`~AspenServer.load` builds the engine on a worker thread (the event loop keeps
+answering probes) and flips health to SERVING, :meth:`~AspenServer.stop` drains: health NOT_SERVING, new calls
+UNAVAILABLE, in-flight calls may finish within the grace period, then the rest are cancelled (each cancelled
+call aborts its engine request) and the engine thread stops. The model never runs on the event loop thread.
+
+Also served: ``grpc.health.v1.Health`` and server reflection (both exempt from token auth, for probes), and
+Prometheus metrics (see :mod:`engine.server.metrics`). The servicers' methods: :mod:`engine.server.servicers`; proto <-> engine
+conversions: :mod:`engine.server.proto_convert`; error mapping: :mod:`engine.server.status`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clients.aspen.v1 import aspen_pb2 as pb
+from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
+from engine.adapters.paths import validate_adapter_id
+from engine.async_engine import AsyncLLMEngine
+from engine.llm_engine import LLMEngine
+from engine.scheduling.sampling_params import SamplingParamsError
+from engine.server import status as errs
+from engine.server.command import ServerOptions, build_engine
+from engine.server.metrics import ServerMetrics
+from engine.server.proto_convert import adapter_info_proto, params_from_proto  # noqa: F401 -- adapter_info_proto: re-export
+from engine.server.servicers import AdapterServicer, GenerationServicer
+
+log = logging.getLogger("aspen.server")
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+MAX_REQUEST_ID_CHARS = 256
+
+
+class _Call:
+    """What the error mapping of one call needs to know about it."""
+
+    adapter_field = "adapter_id"
+    adapter_id = ""
+    prompt_field = "prompt"
+
+
+class AspenServer:
+    """One gRPC server over one engine. See the module docstring for the lifecycle."""
+
+    def __init__(self, options: ServerOptions, engine_factory: Callable[[], LLMEngine] | None = None) -> None:
+        self.options = options
+        self._factory = engine_factory or (lambda: build_engine(options))
+        self.state = "starting"  # -> serving (-> failed) -> draining -> stopped
+        self.health = health.aio.HealthServicer()
+        self.metrics = ServerMetrics(options.model_name)
+        self.llm: LLMEngine | None = None
+        self.engine: AsyncLLMEngine | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loader: threading.Thread | None = None
+        self._active_ids: set[str] = set()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._forced = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Bind, then load the model; returns once the server is SERVING."""
+        await self.bind()
+        await self.load()
+
+    async def bind(self) -> int:
+        o = self.options
+        server_options = [
+            ("grpc.max_receive_message_length", o.max_message_bytes),
+            ("grpc.max_send_message_length", o.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(o.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(o.keepalive_timeout_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(o.keepalive_min_ping_interval_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", int(o.keepalive_permit_without_calls)),
+            ("grpc.so_reuseport", 0),
+        ]
+        # auth first (outermost): an unauthenticated caller learns nothing, not even whether its bytes parse
+        interceptors = ([errs.AuthInterceptor(o.auth_token)] if o.auth_token else []) + [errs.ParseErrorInterceptor()]
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=server_options)
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), server)
+        pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        for name in ("",) + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{o.host}:{o.port}"
+        try:
+            if o.tls_cert or o.tls_key:
+                self.port = server.add_secure_port(address, self._credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc's way of saying the address is taken or invalid
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if o.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(o.metrics_host, o.metrics_port)
+        await server.start()
+        return self.port
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        o = self.options
+        if not (o.tls_cert and o.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        ca = read(o.tls_client_ca) if o.tls_client_ca else None
+        return grpc.ssl_server_credentials([(read(o.tls_key), read(o.tls_cert))], root_certificates=ca,
+                                          require_client_auth=ca is not None)
+
+    async def load(self) -> None:
+        """Build the engine on a daemon thread (a signal may end the process meanwhile), then serve."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(fn, value) -> None:
+            if not done.done():
+                fn(value)
+
+        def work() -> None:
+            try:
+                llm = self._factory()
+            except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
+                loop.call_soon_threadsafe(settle, done.set_exception, e)
+            else:
+                loop.call_soon_threadsafe(settle, done.set_result, llm)
+
+        self._loader = threading.Thread(target=work, name="aspen-load", daemon=True)
+        self._loader.start()
+        self.llm = await done
+        self.engine = AsyncLLMEngine(self.llm).start()
+        self.metrics.bind_engine(self.llm)
+        if self.state == "starting":
+            self.state = "serving"
+            for name in ("",) + SERVICE_NAMES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def adapter_root(self) -> str | None:
+        """The engine's (real) adapter root, redacted from client-facing error messages."""
+        return self.llm.adapter_dir if self.llm is not None else None
+
+    @property
+    def loading(self) -> bool:
+        """True while the model is still being built on the loader thread."""
+        return self._loader is not None and self._loader.is_alive()
+
+    def force(self) -> None:
+        """End the grace period now: in-flight calls are cancelled."""
+        self._forced.set()
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drain and stop; True when every in-flight call finished within the grace period."""
+        if self.state == "stopped":
+            return True
+        grace = self.options.grace_period if grace is None else grace
+        self.state = "draining"
+        await self.health.enter_graceful_shutdown()
+        finished = await self._wait_idle(grace)
+        if not finished:
+            log.warning("grace period over: cancelling %d in-flight call(s)", self._inflight)
+        if self._server is not None:
+            await self._server.stop(0)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        self.metrics.stop_http()
+        self.state = "stopped"
+        self._stopped.set()
+        return finished
+
+    async def _wait_idle(self, grace: float) -> bool:
+        waits = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._forced.wait())]
+        try:
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self._idle.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------------ calls
+    @contextlib.asynccontextmanager
+    async def call(self, context):
+        """Admit a call (UNAVAILABLE unless serving), count it in flight, map its exceptions to statuses."""
+        if self.state == "serving" and not self.engine.is_running:  # the engine loop died: stop advertising
+            self.state = "failed"
+            log.error("the engine loop is not running; reporting NOT_SERVING")
+            for name in ("",) + SERVICE_NAMES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.state != "serving":
+            why = {"starting": "the server is starting (loading the model); retry shortly",
+                   "failed": "the engine stopped after an internal error; retry on another replica"}.get(
+                       self.state, "the server is shutting down; retry on another replica")
+            await context.abort_with_status(errs.unavailable(why))
+        self._inflight += 1
+        self._idle.clear()
+        call = _Call()
+        try:
+            yield call
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:  # noqa: BLE001 -- every exception becomes a status; unexpected ones INTERNAL
+            await context.abort_with_status(errs.status_for_exception(
+                e, adapter_field=call.adapter_field, adapter_id=call.adapter_id, root=self.adapter_root))
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def outputs(self, request: pb.GenerateRequest, call: _Call):
+        """Validate a GenerateRequest and stream its engine outputs (aborted in the engine if left early)."""
+        prompt = self._prompt(request, call)
+        try:
+            params = params_from_proto(request.params)
+        except SamplingParamsError as e:
+            raise errs.InvalidArgument(errs.sampling_field(e), e.reason) from None
+        adapter = request.adapter_id or None
+        if adapter is not None:
+            call.adapter_id = adapter
+            validate_adapter_id(adapter)
+        rid = request.request_id or uuid.uuid4().hex
+        if len(rid) > MAX_REQUEST_ID_CHARS:
+            raise errs.InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
+        if rid in self._active_ids:
+            raise errs.DuplicateRequestError(rid)
+        self._active_ids.add(rid)
+        tracker = self.metrics.tracker()
+        try:
+            async with contextlib.aclosing(self.engine.generate(prompt, params, adapter, rid)) as stream:
+                async for out in stream:
+                    tracker.observe(out)
+                    yield out
+        except SamplingParamsError as e:  # context checks name the prompt field actually used
+            field_path = errs.sampling_field(e)
+            raise errs.InvalidArgument(call.prompt_field if field_path == "prompt" else field_path,
+                                       e.reason) from None
+        finally:
+            self._active_ids.discard(rid)
+            tracker.close()
+
+    def _prompt(self, request: pb.GenerateRequest, call: _Call):
+        kind = request.WhichOneof("prompt")
+        if kind is None:
+            raise errs.InvalidArgument("prompt", "set either text or token_ids")
+        if kind == "text":
+            call.prompt_field = "text"
+            if not request.text:
+                raise errs.InvalidArgument("text", "the prompt is empty")
+            self._check_text_length(request.text, "text")
+            return request.text
+        call.prompt_field = "token_ids.ids"
+        ids = list(request.token_ids.ids)
+        if not ids:
+            raise errs.InvalidArgument("token_ids.ids", "the prompt is empty")
+        vocab = self.llm.model.config.vocab_size
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise errs.InvalidArgument("token_ids.ids", f"token ids must be in [0, {vocab}), got {bad[:5]}")
+        return ids
+
+    def _check_text_length(self, text: str, field_name: str) -> None:
+        """Refuse, without tokenizing it, a text too long to ever fit the context (see LLMEngine.max_prompt_chars)."""
+        limit = self.llm.max_prompt_chars
+        if len(text) > limit:
+            raise errs.InvalidArgument(field_name, f"{len(text)} characters can never fit the context of "
+                                                   f"{self.llm.max_model_len} tokens (at most {limit} characters)")
