@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine import LLMEngine, SamplingParams
+from tests.helpers.adapters import ALL7, ATTN, make_peft_adapter
 from tests.helpers.tiny_models import make_checkpoint
-from tests.lora.test_lora_parity import ALL7, ATTN, make_peft_adapter
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
 

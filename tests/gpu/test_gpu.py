@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import aspen
+from tests.helpers.adapters import ALL7, POOL_SPECS, decode_logits, make_peft_adapter
 from tests.helpers.tiny_models import hf_model, make_checkpoint
-from tests.lora.test_lora_parity import ALL7, make_peft_adapter
 
 pytestmark = pytest.mark.gpu
 
@@ -77,17 +77,16 @@ def test_cuda_triton_bgmv_matches_torch_path(tmp_path, monkeypatch, dtype):
     from aspen.kernels import triton_bgmv as triton_kernels
     from aspen.lora.peft.writer import random_adapter
     from aspen.model.config import LORA_TARGETS
-    from tests.lora.test_lora_pool import SPECS, _decode_logits
 
     if triton_kernels._triton() is None:
         pytest.skip("triton is not installed")
     model = aspen.load_model(make_checkpoint(str(tmp_path / "m"), "llama"), device="cuda", progress=False)
-    specs = [*SPECS, (64, LORA_TARGETS)]
+    specs = [*POOL_SPECS, (64, LORA_TARGETS)]
     adapters = [random_adapter(model.config, r, t, seed=i) for i, (r, t) in enumerate(specs)]
     pool, pooled = model.pool_adapters(adapters, dtype)
 
     def decode():
-        return _decode_logits(model, pool, pooled).cpu()
+        return decode_logits(model, pool, pooled).cpu()
 
     calls = []
     real = triton_kernels.bgmv_add

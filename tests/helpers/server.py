@@ -1,40 +1,49 @@
-"""Shared helpers of the reliability suites (tests/test_reliability_*.py): tiny model + adapters built once per
-session, an in-process server (:class:`tests.server.test_server.ServerThread`), a real ``aspen serve`` subprocess, status
-checks, resident-memory probes and a figures reporter. All traffic is on 127.0.0.1; every loop is bounded."""
+"""Servers for end-to-end tests, all on 127.0.0.1: the tiny model and adapters they serve, an in-process
+:class:`ServerThread` (an asyncio loop on a background thread, port 0) and a real ``aspen serve`` subprocess
+(:class:`ServeProcess`). Every wait is bounded."""
 from __future__ import annotations
 
-import ctypes
-import gc
+import asyncio
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
-import urllib.request
 
-import grpc
-import psutil
+from clients.client import AspenClient
+from engine import LLMEngine
+from engine.server.app import AspenServer, ServerOptions
+from tests.helpers.adapters import make_peft_adapter
+from tests.helpers.metrics import gauge, scrape
+from tests.helpers.tiny_models import make_checkpoint
 
-from clients.aspen.v1 import aspen_pb2 as pb
-from tests.server.test_server import (  # noqa: F401
-    ENGINE,
-    ServerThread,
-    build_assets,
-    details,
-)
-from tests.server.test_server_deployment import aspen_command, self_signed_cert  # noqa: F401
-
+ENGINE = {"num_kv_blocks": 96, "block_size": 16, "max_num_seqs": 8}
+LONG = {"max_new_tokens": 490, "temperature": 0.0, "ignore_eos": True}
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-#: Status codes a client may get for its own input (proto/aspen/v1/aspen.proto, the table at the top).
-CLIENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
-                          grpc.StatusCode.RESOURCE_EXHAUSTED})
-#: Field paths a BadRequest may name.
-REQUEST_FIELDS = frozenset({"prompt", "text", "token_ids.ids", "adapter_id", "path", "request_id", "request"}
-                           | {f"params.{f}" for f in pb.SamplingParams.DESCRIPTOR.fields_by_name})
 _ASSETS: dict[str, dict] = {}
+
+
+# ---------------------------------------------------------------------------------------------- assets
+def build_assets(root) -> dict:
+    """A tiny llama base (512 positions) and adapters a1, team/a2, a3 and bad (config rank != weights) in root."""
+    if importlib.util.find_spec("aspen.kernels.cpu_kernels") is not None:  # build them (once) outside any deadline
+        importlib.import_module("aspen.kernels.cpu_kernels").kernel()
+    base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=512)
+    ads = root / "adapters"
+    make_peft_adapter(base, str(ads / "a1"), seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    make_peft_adapter(base, str(ads / "team" / "a2"), seed=2, r=8, lora_alpha=16,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    make_peft_adapter(base, str(ads / "a3"), seed=3, r=2, lora_alpha=4, target_modules=["o_proj"])
+    shutil.copytree(ads / "a1", ads / "bad")  # a config that does not match its weights
+    cfg = json.loads((ads / "bad" / "adapter_config.json").read_text())
+    (ads / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
+    return {"root": str(root), "base": base, "adapters": str(ads)}
 
 
 def shared_assets(tmp_path_factory) -> dict:
@@ -53,40 +62,47 @@ def private_adapter_root(assets: dict, directory) -> dict:
     return {**assets, "adapters": ads}
 
 
-# ---------------------------------------------------------------------------------------------- statuses
-def check_client_error(err: grpc.RpcError, allowed=CLIENT_CODES) -> grpc.StatusCode:
-    """Assert ``err`` is a documented status for client input, with the details the proto promises."""
-    code = err.code()
-    assert code in allowed, f"{code.name}: {err.details()}"
-    d = details(err)
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        fields = {v.field for v in d["BadRequest"].field_violations}
-        assert fields and fields <= REQUEST_FIELDS, fields
-    elif code is grpc.StatusCode.NOT_FOUND or code is grpc.StatusCode.ALREADY_EXISTS:
-        assert "ResourceInfo" in d, err.details()
-    elif code is grpc.StatusCode.FAILED_PRECONDITION:
-        assert d["PreconditionFailure"].violations[0].type in ("ADAPTER_INCOMPATIBLE", "ADAPTER_BUSY")
-    elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and "RetryInfo" not in d:  # only gRPC's own size limit
-        assert "larger than max" in (err.details() or ""), err.details()
-    return code
+# ---------------------------------------------------------------------------------------------- in process
+class ServerThread:
+    """An AspenServer on its own event loop thread, listening on a free loopback port."""
 
+    def __init__(self, assets, start=True, factory=None, **options):
+        engine_opts = {**ENGINE, **options.pop("engine", {})}
+        self.options = ServerOptions(model=assets["base"], adapter_dir=assets["adapters"], port=0,
+                                     engine_options=engine_opts, **options)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        factory = factory or (lambda: LLMEngine(model=assets["base"], adapter_dir=assets["adapters"],
+                                                progress=False, **engine_opts))
+        self.server = self.run(self._make(factory))
+        self.port = self.run(self.server.bind())
+        self.address = f"127.0.0.1:{self.port}"
+        if start:
+            self.run(self.server.load())
 
-def retry_delay_s(err: grpc.RpcError) -> float:
-    info = details(err).get("RetryInfo")
-    return info.retry_delay.ToTimedelta().total_seconds() if info is not None else 0.0
+    async def _make(self, factory):
+        return AspenServer(self.options, factory)
 
+    def run(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-# ---------------------------------------------------------------------------------------------- memory
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident set size of ``pid`` (default: this process, after a full garbage collection and, with glibc,
-    ``malloc_trim(0)`` so that freed heap pages do not count)."""
-    if pid is None:
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
-    return psutil.Process(pid or os.getpid()).memory_info().rss
+    def stop(self, grace=0.0):
+        self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    def wait_idle(self, timeout=5.0) -> dict:
+        """Poll the engine until no request holds KV blocks or adapter pins."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.server.llm.check_invariants()
+            if (state["kv_blocks_used"], state["adapter_pins"], state["tracked"]) == (0, 0, 0) \
+                    or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
 
 
 def wait_engine_idle(server: ServerThread, timeout: float = 30.0) -> dict:
@@ -101,14 +117,15 @@ def wait_engine_idle(server: ServerThread, timeout: float = 30.0) -> dict:
         time.sleep(0.05)
 
 
+def collect_stream(c: AspenClient, prompt, adapter=None, **params):
+    msgs = list(c.stream(prompt, adapter, **params))
+    return "".join(m.text for m in msgs), [t for m in msgs for t in m.token_ids], msgs[-1]
+
+
 # ---------------------------------------------------------------------------------------------- subprocess
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def gauge(text: str, name: str) -> float:
-    return float(re.search(rf"^aspen:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE).group(1))
+def aspen_command() -> list[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "aspen")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "aspen.cli"]
 
 
 class ServeProcess:
@@ -161,15 +178,3 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-# ---------------------------------------------------------------------------------------------- figures
-def report(name: str, **figures) -> None:
-    """Print one line of figures (shown with ``pytest -s``) and append it, as JSON, to the file named by
-    ``$ASPEN_RELIABILITY_REPORT`` when set (RELIABILITY.md quotes them)."""
-    line = {"check": name, **figures}
-    print(f"\nRELIABILITY {json.dumps(line)}")
-    path = os.environ.get("ASPEN_RELIABILITY_REPORT")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")

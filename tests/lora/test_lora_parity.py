@@ -7,24 +7,12 @@ import torch
 import aspen
 from aspen.lora.op import GATHER_MIN_SEGMENTS, LoraBatch
 from aspen.model.batch import SeqChunk
+from tests.helpers.adapters import ALL7, ATTN, make_peft_adapter
 from tests.helpers.tiny_models import hf_model, make_checkpoint
-
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL7 = ATTN + ["gate_proj", "up_proj", "down_proj"]
 
 
 def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def make_peft_adapter(base_path: str, out_dir: str, seed: int = 0, **lora_kwargs):
-    """Save a PEFT adapter with random (non-zero) A and B; returns the PeftModel for reference logits."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(hf_model(base_path), LoraConfig(init_lora_weights=False, **lora_kwargs))
-    model.save_pretrained(out_dir)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

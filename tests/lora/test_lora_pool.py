@@ -13,12 +13,8 @@ from aspen.lora.op import LoraBatch
 from aspen.lora.peft.writer import random_adapter
 from aspen.lora.pool import LoraPool, pages_needed
 from aspen.model.batch import SeqChunk
-from aspen.model.config import LORA_TARGETS
+from tests.helpers.adapters import POOL_SPECS, decode_logits
 from tests.helpers.tiny_models import make_checkpoint
-
-# ranks and targets chosen so that rank rows are not multiples of the kernel's 4-row blocks
-SPECS = [(3, LORA_TARGETS), (8, ["q_proj", "v_proj"]), (6, ["down_proj", "up_proj"]), (16, LORA_TARGETS),
-         (2, ["v_proj"]), (5, ["o_proj", "gate_proj"]), (4, LORA_TARGETS), (7, ["k_proj", "down_proj"])]
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +24,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapters(model):
-    return [random_adapter(model.config, r, t, seed=i) for i, (r, t) in enumerate(SPECS)]
-
-
-def _decode_logits(model, pool, pooled, rows: int = 12) -> torch.Tensor:
-    """A prefill then one decode step of ``rows`` sequences, adapters round-robin (every 4th row base-only)."""
-    slots = [-1 if i % 4 == 3 else i % len(pooled) for i in range(rows)]
-    seqs = [torch.randint(4, 320, (7 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(rows)]
-    kv = model.new_kv_cache(num_blocks=rows * 8, block_size=4)
-    tables = [list(range(8 * i, 8 * i + 8)) for i in range(rows)]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
-    model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv, make_lora)
-    return model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
-                      kv, make_lora)
+    return [random_adapter(model.config, r, t, seed=i) for i, (r, t) in enumerate(POOL_SPECS)]
 
 
 def _group_delta(pool, pooled, layer: int, group: str, x: torch.Tensor, width: int) -> torch.Tensor:
@@ -97,11 +81,11 @@ def test_sixteen_bit_pool_kernel_matches_torch_path_and_stays_near_float32(model
     pool32, pooled32 = model.pool_adapters(adapters)
     pool16, pooled16 = model.pool_adapters(adapters, dtype)
     assert pool16.data.dtype == dtype and pool16.nbytes * 2 == pool32.nbytes
-    base = _decode_logits(model, pool32, [None] * len(adapters))
-    exact = _decode_logits(model, pool32, pooled32)
-    kernel16 = _decode_logits(model, pool16, pooled16)
+    base = decode_logits(model, pool32, [None] * len(adapters))
+    exact = decode_logits(model, pool32, pooled32)
+    kernel16 = decode_logits(model, pool16, pooled16)
     monkeypatch.setattr(aspen.lora.op, "bgmv_add", lambda *a: False)
-    torch16 = _decode_logits(model, pool16, pooled16)
+    torch16 = decode_logits(model, pool16, pooled16)
     # the kernel converts the same 16-bit values the torch path converts: float32 rounding apart, equal
     assert (kernel16 - torch16).abs().max().item() < 1e-4
     # 16-bit storage rounds each weight (float16: 11 significant bits, bfloat16: 8); the adapters' effect on the

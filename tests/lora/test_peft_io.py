@@ -24,9 +24,9 @@ from aspen.errors import AdapterError, AdapterNotFoundError
 from aspen.lora.peft.reader import LoraAdapter, LoraWeights, load_peft_adapter
 from aspen.lora.peft.writer import random_adapter, save_peft_adapter
 from aspen.model.config import LORA_TARGETS, ModelConfig
+from tests.helpers.adapters import ATTN
 from tests.helpers.tiny_models import hf_model, make_checkpoint
 
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = list(LORA_TARGETS)
 ST = "adapter_model.safetensors"
 

@@ -28,18 +28,11 @@ from safetensors.torch import load_file, save_file
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.client import AspenClient, build_request
 from engine import LLMEngine, SamplingParams
-from tests.helpers.server import (
-    GREEDY,
-    ServerThread,
-    check_client_error,
-    details,
-    private_adapter_root,
-    report,
-    shared_assets,
-    wait_engine_idle,
-)
+from tests.helpers.adapters import make_peft_adapter
+from tests.helpers.metrics import report
+from tests.helpers.server import GREEDY, ServerThread, private_adapter_root, shared_assets, wait_engine_idle
+from tests.helpers.statuses import check_client_error, details
 from tests.helpers.tiny_models import make_checkpoint
-from tests.lora.test_lora_parity import make_peft_adapter
 
 ST = "adapter_model.safetensors"
 PROMPT = "The quick brown fox"

@@ -17,16 +17,9 @@ from hypothesis import strategies as st
 
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.client import AspenClient
-from tests.helpers.server import (
-    CLIENT_CODES,
-    GREEDY,
-    ServerThread,
-    check_client_error,
-    details,
-    report,
-    shared_assets,
-    wait_engine_idle,
-)
+from tests.helpers.metrics import report
+from tests.helpers.server import GREEDY, ServerThread, shared_assets, wait_engine_idle
+from tests.helpers.statuses import CLIENT_CODES, check_client_error, details
 
 CALL_TIMEOUT_S = 30.0  # a call that outlives this is a hang
 OK_FINISH = {pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS, pb.FINISH_REASON_STOP}

@@ -24,17 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from clients.client import AspenClient, build_request
-from tests.helpers.server import (
-    GREEDY,
-    ServeProcess,
-    ServerThread,
-    details,
-    report,
-    retry_delay_s,
-    rss_bytes,
-    shared_assets,
-    wait_engine_idle,
-)
+from tests.helpers.metrics import report, rss_bytes
+from tests.helpers.server import GREEDY, ServeProcess, ServerThread, shared_assets, wait_engine_idle
+from tests.helpers.statuses import details, retry_delay_s
 
 STORM_FAST, STORM_SLOW = 1000, 5000
 OVERLOAD_FAST_S, OVERLOAD_SLOW_S = 8.0, 60.0

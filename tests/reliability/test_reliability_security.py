@@ -21,18 +21,10 @@ from safetensors.torch import load_file
 from clients.client import AspenClient
 from engine.server import command as serve_command
 from engine.server.command import ServerOptions
-from tests.helpers.server import (
-    CLIENT_CODES,
-    GREEDY,
-    ServeProcess,
-    ServerThread,
-    check_client_error,
-    details,
-    private_adapter_root,
-    report,
-    self_signed_cert,
-    shared_assets,
-)
+from tests.helpers.certs import self_signed_cert
+from tests.helpers.metrics import report
+from tests.helpers.server import GREEDY, ServeProcess, ServerThread, private_adapter_root, shared_assets
+from tests.helpers.statuses import CLIENT_CODES, check_client_error, details
 
 PROMPT = "The quick brown fox"
 ST = "adapter_model.safetensors"

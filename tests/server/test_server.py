@@ -1,102 +1,31 @@
 """End-to-end tests of the gRPC server's API over loopback sockets, on an in-process server (an asyncio loop on a
 background thread, port 0): health and reflection, generation, error statuses, adapters, metrics, the clients.
-Start-up / drain, a real ``aspen serve`` subprocess, auth and TLS: tests/server/test_server_deployment.py. The helpers
-here (:func:`build_assets`, :class:`ServerThread`, ...) are shared with it and with tests/helpers/server.py."""
+Start-up / drain, a real ``aspen serve`` subprocess, auth and TLS: tests/server/test_server_deployment.py."""
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
-import json
 import re
-import shutil
-import threading
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2 as ed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from aspen.cli import main as cli_main
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.client import AspenClient, AsyncAspenClient, build_request
-from engine import LLMEngine
 from engine.server import status as errs
-from engine.server.app import AspenServer, ServerOptions
-from tests.helpers.tiny_models import make_checkpoint
-from tests.lora.test_lora_parity import make_peft_adapter
+from tests.helpers.metrics import VLLM_NAMES, gauge, scrape
+from tests.helpers.server import LONG, ServerThread, build_assets, collect_stream
+from tests.helpers.statuses import expect_error
 
-ENGINE = {"num_kv_blocks": 96, "block_size": 16, "max_num_seqs": 8}
 GREEDY = {"max_new_tokens": 12, "temperature": 0.0, "ignore_eos": True}
-LONG = {"max_new_tokens": 490, "temperature": 0.0, "ignore_eos": True}
-
-
-def build_assets(root) -> dict:
-    """A tiny llama base (512 positions) and adapters a1, team/a2, a3 and bad (config rank != weights) in root."""
-    if importlib.util.find_spec("aspen.kernels.cpu_kernels") is not None:  # build them (once) outside any deadline
-        importlib.import_module("aspen.kernels.cpu_kernels").kernel()
-    base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=512)
-    ads = root / "adapters"
-    make_peft_adapter(base, str(ads / "a1"), seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    make_peft_adapter(base, str(ads / "team" / "a2"), seed=2, r=8, lora_alpha=16,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    make_peft_adapter(base, str(ads / "a3"), seed=3, r=2, lora_alpha=4, target_modules=["o_proj"])
-    shutil.copytree(ads / "a1", ads / "bad")  # a config that does not match its weights
-    cfg = json.loads((ads / "bad" / "adapter_config.json").read_text())
-    (ads / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
-    return {"root": str(root), "base": base, "adapters": str(ads)}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("server"))
-
-
-class ServerThread:
-    """An AspenServer on its own event loop thread, listening on a free loopback port."""
-
-    def __init__(self, assets, start=True, factory=None, **options):
-        engine_opts = {**ENGINE, **options.pop("engine", {})}
-        self.options = ServerOptions(model=assets["base"], adapter_dir=assets["adapters"], port=0,
-                                     engine_options=engine_opts, **options)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        factory = factory or (lambda: LLMEngine(model=assets["base"], adapter_dir=assets["adapters"],
-                                                progress=False, **engine_opts))
-        self.server = self.run(self._make(factory))
-        self.port = self.run(self.server.bind())
-        self.address = f"127.0.0.1:{self.port}"
-        if start:
-            self.run(self.server.load())
-
-    async def _make(self, factory):
-        return AspenServer(self.options, factory)
-
-    def run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, grace=0.0):
-        self.run(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-    def wait_idle(self, timeout=5.0) -> dict:
-        """Poll the engine until no request holds KV blocks or adapter pins."""
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.server.llm.check_invariants()
-            if (state["kv_blocks_used"], state["adapter_pins"], state["tracked"]) == (0, 0, 0) \
-                    or time.monotonic() > deadline:
-                return state
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -112,33 +41,9 @@ def client(served):
         yield c
 
 
-def details(err: grpc.RpcError) -> dict:
-    """The google.rpc detail messages of a failed call, by type name."""
-    out, status = {}, rpc_status.from_call(err)
-    for any_msg in status.details if status is not None else ():
-        for cls in (ed.BadRequest, ed.ResourceInfo, ed.RetryInfo, ed.PreconditionFailure):
-            if any_msg.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_msg.Unpack(msg)
-                out[cls.__name__] = msg
-    return out
-
-
-def expect_error(fn, code: grpc.StatusCode) -> dict:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    assert info.value.code() == code, info.value.details()
-    return details(info.value)
-
-
 def bad_field(fn) -> str:
     d = expect_error(fn, grpc.StatusCode.INVALID_ARGUMENT)
     return d["BadRequest"].field_violations[0].field
-
-
-def collect_stream(c: AspenClient, prompt, adapter=None, **params):
-    msgs = list(c.stream(prompt, adapter, **params))
-    return "".join(m.text for m in msgs), [t for m in msgs for t in m.token_ids], msgs[-1]
 
 
 def test_health_and_reflection(served):
@@ -297,20 +202,6 @@ def test_async_client_and_cli(served, capsys):
     assert cli_main(["adapters", "unload", "cli/a3", "--server", served.address]) == 0
     assert cli_main(["adapters", "unload", "cli/a3", "--server", served.address]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-VLLM_NAMES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "time_to_first_token_seconds",
-              "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-              "prompt_tokens_total", "generation_tokens_total", "lora_requests_info")
-
-
-def gauge(text: str, name: str) -> float:
-    return float(re.search(rf"^aspen:{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE).group(1))
 
 
 def test_metrics_endpoint(served, client):

@@ -1,16 +1,13 @@
 """End-to-end tests of how the gRPC server is run: start-up and drain (UNAVAILABLE while loading or draining, a
 full queue, SIGTERM on a real ``aspen serve`` subprocess with its metrics endpoint) and transport security (bearer
-token, TLS). The API itself (generation, errors, adapters, metrics) is covered in tests/server/test_server.py, whose
-helpers these tests reuse."""
+token, TLS). The API itself (generation, errors, adapters, metrics) is covered in tests/server/test_server.py."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -21,17 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.client import AspenClient, build_request
 from engine import LLMEngine
-from tests.server.test_server import (
-    ENGINE,
-    LONG,
-    VLLM_NAMES,
-    ServerThread,
-    build_assets,
-    collect_stream,
-    expect_error,
-    gauge,
-    scrape,
-)
+from tests.helpers.certs import self_signed_cert
+from tests.helpers.metrics import VLLM_NAMES, gauge, scrape
+from tests.helpers.server import ENGINE, LONG, ServerThread, aspen_command, build_assets, collect_stream
+from tests.helpers.statuses import expect_error
 
 
 @pytest.fixture(scope="module")
@@ -100,34 +90,6 @@ def test_bearer_token_auth(assets):
         s.stop()
 
 
-def self_signed_cert(directory) -> tuple[str, str]:
-    crypto = pytest.importorskip("cryptography")  # noqa: F841
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_round_trip(assets, tmp_path):
     cert, key = self_signed_cert(str(tmp_path))
     s = ServerThread(assets, tls_cert=cert, tls_key=key)
@@ -138,11 +100,6 @@ def test_tls_round_trip(assets, tmp_path):
             expect_error(lambda: plain.generate("hi", max_new_tokens=1), grpc.StatusCode.UNAVAILABLE)
     finally:
         s.stop()
-
-
-def aspen_command() -> list[str]:
-    script = os.path.join(os.path.dirname(sys.executable), "aspen")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "aspen.cli"]
 
 
 def test_serve_subprocess_drains_on_sigterm(assets, tmp_path):

@@ -22,9 +22,9 @@ from aspen.train.config import TrainConfigError, load_config, parse_config
 from aspen.train.data import IGNORE, PromptTemplate, load_records, tokenize
 from aspen.train.search import SuccessiveHalving
 from aspen.train.trainer import Trainer, lr_at
+from tests.helpers.adapters import ALL7
 from tests.helpers.tiny_models import hf_model, make_checkpoint
 
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "small", "cat", "sat", "by", "warm",
          "fire", "and", "looked", "at", "rain", "tom", "took", "red", "ball")
 SEED_EXAMPLE = "/work/shared/seed/aspen-example"
@@ -494,7 +494,7 @@ def test_data_kinds_templates_and_cutoff(env, tmp_path):
 
 def test_trained_adapter_is_served_by_a_running_server_without_restart(env, tmp_path):
     from clients.client import AspenClient
-    from tests.server.test_server import ServerThread
+    from tests.helpers.server import ServerThread
 
     ads = tmp_path / "served"
     os.makedirs(ads)
