@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from clients.loadtest.driver import (
     interarrival_gaps,
 )
 from clients.loadtest.report import format_table, summarize
+from tests.helpers.server import ServerThread
 from tests.helpers.tiny_models import hf_model, make_checkpoint
 
 NUM_ON_DISK = 6
@@ -127,41 +127,12 @@ def test_make_adapters_writes_loadable_peft_dirs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- against a server
-class ServerThread:
-    """An AspenServer on its own event-loop thread, on a free loopback port (as tests/server/test_server.py does)."""
-
-    def __init__(self, model: str, adapters: str) -> None:
-        from engine import LLMEngine
-        from engine.server.app import AspenServer, ServerOptions
-
-        options = ServerOptions(model=model, adapter_dir=adapters, port=0, engine_options=ENGINE)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def make():
-            return AspenServer(options, lambda: LLMEngine(model=model, adapter_dir=adapters, progress=False,
-                                                          **ENGINE))
-
-        self.server = self.run(make())
-        self.address = f"127.0.0.1:{self.run(self.server.bind())}"
-        self.run(self.server.load())
-
-    def run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self):
-        self.run(self.server.stop(0.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("loadtest")
     base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=256)
     make_adapters(base, str(root / "adapters"), NUM_ON_DISK, rank=4, targets="all", progress=False)
-    s = ServerThread(base, str(root / "adapters"))
+    s = ServerThread({"base": base, "adapters": str(root / "adapters")}, engine=ENGINE)
     yield s
     s.stop()
 
