@@ -7,7 +7,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 120 python3 -m pytest -m gpu tests/gpu/test_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+timeout 120 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
 timeout 80 python3 -m benchmarks.lora_overhead --device cuda --out "$OUT/lora_overhead_cuda.json" >/dev/null 2>"$OUT/lo.err" \
   || tail -5 "$OUT/lo.err"
 timeout 80 python3 -m benchmarks.lora_overhead --device cuda --adapter-dtype float16 \

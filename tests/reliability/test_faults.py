@@ -1,5 +1,5 @@
 """Adapter faults, KV exhaustion and crash containment (items 4, 5 and 8 of the reliability suite), against
-in-process servers on 127.0.0.1. Security checks (item 7) are in tests/reliability/test_reliability_security.py.
+in-process servers on 127.0.0.1. Security checks (item 7) are in tests/reliability/test_security.py.
 
 Documented behaviour checked here:
 * a broken adapter is refused with a clear status (FAILED_PRECONDITION / INVALID_ARGUMENT / NOT_FOUND) at the

@@ -1,6 +1,6 @@
 """End-to-end tests of the gRPC server's API over loopback sockets, on an in-process server (an asyncio loop on a
 background thread, port 0): health and reflection, generation, error statuses, adapters, metrics, the clients.
-Start-up / drain, a real ``aspen serve`` subprocess, auth and TLS: tests/server/test_server_deployment.py."""
+Start-up / drain, a real ``aspen serve`` subprocess, auth and TLS: tests/server/test_deployment.py."""
 from __future__ import annotations
 
 import asyncio

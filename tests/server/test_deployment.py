@@ -1,6 +1,6 @@
 """End-to-end tests of how the gRPC server is run: start-up and drain (UNAVAILABLE while loading or draining, a
 full queue, SIGTERM on a real ``aspen serve`` subprocess with its metrics endpoint) and transport security (bearer
-token, TLS). The API itself (generation, errors, adapters, metrics) is covered in tests/server/test_server.py."""
+token, TLS). The API itself (generation, errors, adapters, metrics) is covered in tests/server/test_api.py."""
 from __future__ import annotations
 
 import asyncio
