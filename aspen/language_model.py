@@ -9,10 +9,11 @@ import torch
 from aspen.errors import CheckpointError
 from aspen.kernels.extension import build_now
 from aspen.lora.op import LoraBatch
+from aspen.lora.peft.reader import LoraAdapter, load_peft_adapter
 from aspen.lora.pool import LoraPool, PooledAdapter, pages_needed
 from aspen.model.batch import LOGITS_ALL, FlatBatch, SeqChunk
 from aspen.model.config import ModelConfig
-from aspen.model.decoder import DecoderModel
+from aspen.model.decoder import DecoderModel, LoraHook
 from aspen.model.kv_cache import KVCache
 from aspen.model.loader import build_model
 from aspen.model.quantize import check_mode, quantize_model
@@ -40,7 +41,12 @@ def load_tokenizer(path: str):
 
 
 class LanguageModel:
-    """The frozen base model, its tokenizer and config; runs steps over a paged KV cache."""
+    """The frozen base model, its tokenizer and config; runs steps over a paged KV cache.
+
+    A step is: the flat batch of the step's sequence chunks (:meth:`flat_batch`), the LoRA batch of the pooled
+    adapters its chunks use (``aspen.lora.op.LoraBatch.for_step``), then the model (:meth:`step`). The serving
+    engine's runner and :meth:`score` both take that path. Adapters are held by the caller (the engine's adapter
+    cache, or the pool :meth:`pool_adapters` returns); the model keeps no registry of them."""
 
     def __init__(self, model: DecoderModel, tokenizer, path: str, dtype: torch.dtype, quantize: str,
                  device: torch.device) -> None:
@@ -50,7 +56,6 @@ class LanguageModel:
         self.dtype = dtype
         self.quantize = quantize
         self.device = device
-        self.adapters: dict[str, object] = {}  # adapter id -> aspen.lora.peft.reader.LoraAdapter (registered for score)
         self.packed = False  # weights in a packed GEMM layout (inference only; see pack_for_inference)
 
     @property
@@ -88,29 +93,22 @@ class LanguageModel:
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
 
+    def flat_batch(self, chunks: Sequence[SeqChunk], block_size: int) -> FlatBatch:
+        """The flat batch of one step's sequence chunks, on this model's device (its sliding window applied)."""
+        return FlatBatch.build(chunks, block_size, self.device, self.config.sliding_window)
+
     @torch.inference_mode()
-    def step(self, chunks: Sequence[SeqChunk], kv: KVCache, make_lora=None) -> torch.Tensor:
-        """Run one flat step; returns float32 logits for the tokens the chunks asked for.
+    def step(self, batch: FlatBatch, kv: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+        """Run one flat step; returns float32 logits for the tokens the batch's chunks asked for. ``lora``: the
+        step's LoRA batch (None: base model only)."""
+        return self.model(batch, kv, lora)
 
-        ``make_lora(batch) -> LoraHook`` builds the step's LoRA segments from the flat batch (or None).
-        """
-        batch = FlatBatch.build(chunks, kv.block_size, self.device, self.config.sliding_window)
-        return self.model(batch, kv, make_lora(batch) if make_lora is not None else None)
-
-    def read_adapter(self, path: str, allow_pickle: bool = False):
-        """Read and validate a PEFT adapter directory against this base (nothing is registered)."""
-        from aspen.lora.peft.reader import load_peft_adapter
-
+    def read_adapter(self, path: str, allow_pickle: bool = False) -> LoraAdapter:
+        """Read and validate a PEFT adapter directory against this base."""
         return load_peft_adapter(path, self.config, allow_pickle=allow_pickle,
                                  expected_base=self.config.name_or_path)
 
-    def load_adapter(self, adapter_id: str, path: str, allow_pickle: bool = False):
-        """Register a PEFT adapter directory under ``adapter_id`` (validated first; nothing half-loaded)."""
-        adapter = self.read_adapter(path, allow_pickle=allow_pickle)
-        self.adapters[adapter_id] = adapter
-        return adapter
-
-    def pool_adapters(self, adapters: Sequence, dtype: str | torch.dtype | None = None
+    def pool_adapters(self, adapters: Sequence[LoraAdapter], dtype: str | torch.dtype | None = None
                       ) -> tuple[LoraPool, list[PooledAdapter]]:
         """A pool just big enough for ``adapters`` (LoraAdapter objects), each written to its own pages; the pool
         stores ``dtype`` (default: the model's)."""
@@ -123,27 +121,20 @@ class LanguageModel:
             start += n
         return pool, pooled
 
-    def _resolve_adapter(self, adapter):
-        if adapter is None or not isinstance(adapter, str):
-            return adapter
-        if adapter in self.adapters:
-            return self.adapters[adapter]
-        if os.path.isdir(adapter):
-            return self.read_adapter(adapter)
-        raise KeyError(f"adapter {adapter!r} is neither a registered adapter id nor a PEFT adapter directory")
-
-    def score(self, token_ids: Sequence[int], adapter=None, block_size: int = 16) -> torch.Tensor:
+    def score(self, token_ids: Sequence[int], adapter: LoraAdapter | str | None = None,
+              block_size: int = 16) -> torch.Tensor:
         """Logits ``[len(token_ids), vocab]`` of one sequence, computed through the paged-KV path.
 
-        ``adapter``: None (base), a registered adapter id, a PEFT adapter directory, or a LoraAdapter.
+        ``adapter``: None (base), a LoraAdapter, or a PEFT adapter directory (read and validated here).
         The first half of the tokens is prefilled in two chunks, the rest decoded one token at a time; the
         block table is deliberately non-contiguous (reversed) so paging is exercised.
         """
-        adapter = self._resolve_adapter(adapter)
-        make_lora, adapter_slot = None, -1
-        if adapter is not None:
-            pool, pooled = self.pool_adapters([adapter])
-            make_lora, adapter_slot = (lambda b: LoraBatch.for_step(b, pooled, pool, self.dtype)), 0
+        if isinstance(adapter, str):
+            if not os.path.isdir(adapter):
+                raise FileNotFoundError(f"adapter {adapter!r} is not a PEFT adapter directory")
+            adapter = self.read_adapter(adapter)
+        pool, pooled = self.pool_adapters([adapter]) if adapter is not None else (None, [])
+        adapter_slot = 0 if pooled else -1
 
         ids = [int(t) for t in token_ids]
         n = len(ids)
@@ -160,8 +151,10 @@ class LanguageModel:
         spans += [(i, i + 1) for i in range(prompt, n)]
         out = []
         for a, b in spans:
-            chunk = SeqChunk(ids[a:b], a, table, adapter_slot=adapter_slot, logits=LOGITS_ALL)
-            out.append(self.step([chunk], kv, make_lora))
+            batch = self.flat_batch([SeqChunk(ids[a:b], a, table, adapter_slot=adapter_slot, logits=LOGITS_ALL)],
+                                    block_size)
+            lora = LoraBatch.for_step(batch, pooled, pool, self.dtype) if pooled else None
+            out.append(self.step(batch, kv, lora))
         return torch.cat(out, dim=0)
 
 

@@ -168,7 +168,7 @@ def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages
     for aid in fill_ids:
         llm.load_adapter(aid)
     llm.load_adapter(ids[0])  # warm-up: first-use costs (imports, allocator) are not a per-adapter cost
-    evicted_before = llm.adapters.stats().evictions_host
+    evicted_before = llm.adapter_cache.stats().evictions_host
     out = []
     for aid in ids[1:]:
         if cold:
@@ -180,9 +180,9 @@ def time_adapter_loads(model: str, root: str, ids: list[str], device: str, pages
 
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t0)
-        if llm.adapters.tier(aid) != "device":
+        if llm.adapter_cache.tier(aid) != "device":
             raise RuntimeError(f"{aid} did not reach the device tier")
-    evicted = llm.adapters.stats().evictions_host - evicted_before
+    evicted = llm.adapter_cache.stats().evictions_host - evicted_before
     if fill_ids and evicted < len(out):
         raise RuntimeError(f"{evicted} host-tier evictions in {len(out)} timed loads: the host tier was not full")
     return out

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(4, cfg.vocab_size, (args.context + 1,), generator=g).tolist() for _ in range(args.rows)]
     tables = [list(range(i * per_row, (i + 1) * per_row)) for i in range(args.rows)]
-    model.step([SeqChunk(r[:-1], 0, t) for r, t in zip(rows, tables)], kv)  # fill the caches (untimed)
+    model.step(model.flat_batch([SeqChunk(r[:-1], 0, t) for r, t in zip(rows, tables)], block), kv)  # untimed fill
     decode = [SeqChunk(r[-1:], args.context, t) for r, t in zip(rows, tables)]
     a = torch.randn(n, n, device=args.device)
     b = torch.randn(n, n, device=args.device)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
 
     def step() -> None:
-        model.step(decode, kv)
+        model.step(model.flat_batch(decode, block), kv)
         sync()
 
     def gemm() -> None:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                        lora_pool_pages=n * pages_per_adapter(args.rank), adapter_dtype=args.adapter_dtype)
     warm = [BenchRequest(r.prompt[:8], 2, r.adapter) for r in reqs]
     engine_generate(lora, warm, ids)  # every adapter resident before timing
-    stats = lora.adapters.stats()
+    stats = lora.adapter_cache.stats()
     if stats.pages_device != n * pages_per_adapter(args.rank):
         raise RuntimeError(f"expected all {n} adapters resident, the pool holds {stats.pages_device} pages")
 

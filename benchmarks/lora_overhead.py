@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     slots = [i % args.adapters for i in range(args.rows)]
     if args.phase == "decode":
         # fill every row's KV cache with its context (prefill, untimed)
-        model.step([SeqChunk(r[:-1], 0, t) for r, t in zip(rows, tables)], kv)
+        model.step(model.flat_batch([SeqChunk(r[:-1], 0, t) for r, t in zip(rows, tables)], block), kv)
         base_chunks = [SeqChunk(r[-1:], args.context, t) for r, t in zip(rows, tables)]
         lora_chunks = [SeqChunk(r[-1:], args.context, t, adapter_slot=s) for r, t, s in zip(rows, tables, slots)]
     else:
@@ -79,18 +79,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--prompt-len {args.prompt_len} exceeds --context {args.context} + 1")
         base_chunks = [SeqChunk(r[:n], 0, t) for r, t, n in zip(rows, tables, lens)]
         lora_chunks = [SeqChunk(r[:n], 0, t, adapter_slot=s) for r, t, n, s in zip(rows, tables, lens, slots)]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool, model.dtype)
 
     def sync():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def base_step():
-        model.step(base_chunks, kv)
+    def base_step():  # a step as the engine's runner takes it: the flat batch, then the model
+        model.step(model.flat_batch(base_chunks, block), kv)
         sync()
 
-    def lora_step():
-        model.step(lora_chunks, kv, make_lora)
+    def lora_step():  # ... with the LoRA batch built in between
+        batch = model.flat_batch(lora_chunks, block)
+        model.step(batch, kv, LoraBatch.for_step(batch, pooled, pool, model.dtype))
         sync()
 
     t_base, t_lora = interleaved(base_step, lora_step, args.repeats)

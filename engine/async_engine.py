@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.scheduling.errors import DuplicateRequestError
 from engine.scheduling.sampling_params import SamplingParams
 
 log = logging.getLogger("aspen.engine")
@@ -102,7 +103,7 @@ class AsyncLLMEngine:
         rid = request_id or uuid.uuid4().hex
         with self._lock:
             if rid in self._queues:
-                raise ValueError(f"request_id {rid!r} is already in use")
+                raise DuplicateRequestError(rid)
             self._queues[rid] = (loop, queue)
         finished = False
         # validation and adapter reads run off the loop

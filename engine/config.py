@@ -50,3 +50,14 @@ class EngineConfig:
             raise TypeError(f"EngineConfig.packed_gemm must be a bool, got {self.packed_gemm!r}")
         if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
             raise ValueError(f"EngineConfig.max_waiting must be an int >= 0, got {self.max_waiting!r}")
+
+    def scheduler_config(self, max_model_len: int):
+        """The scheduler's view of this config (an ``engine.scheduling.types.SchedulerConfig``): every field the
+        two share, by name, plus ``max_model_len``, the context the engine settled on (this config's cap or the
+        model's)."""
+        from dataclasses import fields
+
+        from engine.scheduling.types import SchedulerConfig
+
+        shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if f.name != "max_model_len"}
+        return SchedulerConfig(**shared, max_model_len=max_model_len)

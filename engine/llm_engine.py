@@ -3,8 +3,9 @@
     step() = apply queued adds/aborts -> scheduler.schedule() -> runner.run() -> scheduler.on_step_done()
              -> per sampled token: detokenize, check stop conditions, finish -> outputs
 
-``add_request`` and ``abort`` may be called from any thread: they validate at once (so bad input fails in the
-caller) and queue a command that the next ``step`` applies. ``generate`` drives ``step`` itself; the server
+``add_request`` and ``abort`` may be called from any thread: ``add_request`` checks every rule of a request at
+once (so bad input fails in the caller, with a typed error naming the field at fault) and both queue a command
+that the next ``step`` applies. A front end only maps those errors to its own statuses. ``generate`` drives ``step`` itself; the server
 uses :class:`engine.async_engine.AsyncLLMEngine`, which drives it from a background thread.
 """
 from __future__ import annotations
@@ -23,24 +24,22 @@ from aspen.language_model import parse_dtype
 from aspen.lora.pool import LoraPool
 from aspen.model.kv_cache import KVCache
 from engine.adapters.cache import AdapterCache, AdapterInfo
-from engine.adapters.paths import list_adapter_dirs, validate_adapter_id
+from engine.adapters.paths import list_adapter_dirs
 from engine.config import EngineConfig
 from engine.lora_backend import LoraBackend
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.request_state import RequestState
 from engine.scheduling.block_manager import BlockManager
+from engine.scheduling.errors import DuplicateRequestError, RequestError
 from engine.scheduling.request import FinishReason, Request
 from engine.scheduling.sampling_params import SamplingParams, SamplingParamsError
-from engine.scheduling.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from engine.scheduling.scheduler import QueueFullError, Scheduler
 
 log = logging.getLogger("aspen.engine")
 
-#: Numeric ranges the float32 sampler handles without producing inf / NaN rows (a NaN row fails the whole step,
-#: i.e. every request batched with it): the logits are divided by the temperature, and multiplied or divided by
-#: the repetition penalty. SamplingParams only asks for finite values; these bounds are the engine's own.
-MAX_TEMPERATURE = 1e4
-REPETITION_PENALTY_RANGE = (1e-4, 1e4)
+#: Longest request id accepted (ids are echoed in outputs, logs and metrics).
+MAX_REQUEST_ID_CHARS = 256
 #: A text prompt longer than max_model_len * (longest token in characters) * this can never fit the context; it
 #: is refused before tokenizing (tokenizing 16 MB of text takes most of a minute). The slack covers normalizers
 #: that merge characters (NFC).
@@ -79,19 +78,12 @@ class LLMEngine:
         self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
         if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
             raise AdapterNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
-        self.adapters = None
+        self.adapter_cache: AdapterCache | None = None
         if self.adapter_dir is not None:
             backend = LoraBackend(self.model, pool, allow_pickle=cfg.allow_pickle_adapters)
-            self.adapters = AdapterCache(self.adapter_dir, backend, cfg.host_adapter_bytes, pages)
+            self.adapter_cache = AdapterCache(self.adapter_dir, backend, cfg.host_adapter_bytes, pages)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_model_len=self.max_model_len, chunked_prefill=cfg.chunked_prefill,
-                            # the queue cap is enforced by add_request, which also counts adds not applied yet;
-                            # the scheduler must not refuse later what add_request accepted (a preempted request
-                            # re-entering the queue in between would make it fail with an internal error)
-                            max_waiting=0, max_head_skips=cfg.max_head_skips),
-            self.block_manager, self.adapters)
+        self.scheduler = Scheduler(cfg.scheduler_config(self.max_model_len), self.block_manager, self.adapter_cache)
         kv = self.model.new_kv_cache(num_blocks, cfg.block_size)
         self.runner = ModelRunner(self.model, kv, pool, seed=cfg.seed)
         self._states: dict[str, RequestState] = {}
@@ -105,23 +97,34 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     adapter_id: str | None = None, request_id: str | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises on bad input, nothing is queued then."""
+        """Validate and queue a request; returns its id. Every rule of a request is checked here, once; a refusal
+        raises before anything is queued:
+
+        * :class:`RequestError` naming ``prompt`` (empty, a text too long to ever fit the context, token ids
+          outside ``[0, vocab)``, more KV than the pool holds) or ``request_id`` (not a non-empty string of at
+          most :data:`MAX_REQUEST_ID_CHARS` characters); :class:`DuplicateRequestError` for an id in use;
+        * :class:`SamplingParamsError` for parameters that do not fit this model (context, vocabulary, a stop
+          mask covering the whole vocabulary; ``SamplingParams`` refuses its own out-of-range values itself);
+        * an ``AdapterError`` subclass for the adapter (malformed id, not found, unreadable or incompatible);
+        * :class:`QueueFullError` when ``max_waiting`` requests already wait.
+        """
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        rid = self._request_id(request_id)
         ids = self._prompt_ids(prompt)
         params.check_context(len(ids), self.max_model_len)
         params.check_vocab(self.model.config.vocab_size)
-        self._check_numerics(params)
+        self._check_stop_mask(params)
         if adapter_id is not None:
             self._require_adapter(adapter_id)
-        rid = request_id if request_id is not None else uuid.uuid4().hex
         request = Request(rid, ids, params, adapter_id)
         self.scheduler.check(request)  # KV pool and batch limits: fail here, never inside a step
         state = RequestState(request, self.tokenizer, self.model.device)
         with self._lock:
             if rid in self._states:
-                raise ValueError(f"request_id {rid!r} is already in use")
+                raise DuplicateRequestError(rid)
+            # the one queue cap: it counts adds not applied yet, so a step never refuses what was accepted here
             queued = self.scheduler.num_waiting + sum(1 for c, _ in self._commands if c == "add")
             if self.config.max_waiting and queued >= self.config.max_waiting:
                 raise QueueFullError(self.config.max_waiting)
@@ -137,16 +140,21 @@ class LLMEngine:
     def has_work(self) -> bool:
         return bool(self._commands) or self.scheduler.has_unfinished()
 
-    def _check_numerics(self, p: SamplingParams) -> None:
-        """Refuse parameters the sampler would turn into a row without a finite logit (see MAX_TEMPERATURE)."""
-        if p.temperature > MAX_TEMPERATURE:
-            raise SamplingParamsError("temperature", f"expected a number in [0, {MAX_TEMPERATURE:g}], got "
-                                                     f"{p.temperature!r}")
-        lo, hi = REPETITION_PENALTY_RANGE
-        if not lo <= p.repetition_penalty <= hi:
-            raise SamplingParamsError("repetition_penalty", f"expected a number in [{lo:g}, {hi:g}], got "
-                                                            f"{p.repetition_penalty!r}")
-        if p.min_new_tokens > 0:  # every token masked until min_new_tokens: nothing could be sampled
+    @staticmethod
+    def _request_id(request_id: str | None) -> str:
+        if request_id is None:
+            return uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError("request_id", f"expected a non-empty string, got {request_id!r:.80}")
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise RequestError("request_id", f"expected at most {MAX_REQUEST_ID_CHARS} characters, got "
+                                             f"{len(request_id)}")
+        return request_id
+
+    def _check_stop_mask(self, p: SamplingParams) -> None:
+        """Refuse a ``min_new_tokens`` whose masked tokens (stop ids, and EOS unless ignored) leave nothing to
+        sample: every row of the step would have no finite logit."""
+        if p.min_new_tokens > 0:
             vocab = self.model.config.vocab_size
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model.config.eos_token_ids))
             if len({t for t in banned if 0 <= t < vocab}) >= vocab:
@@ -156,29 +164,33 @@ class LLMEngine:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty")
+                raise RequestError("prompt", "the prompt is empty")
             if len(prompt) > self.max_prompt_chars:
-                raise ValueError(f"prompt of {len(prompt)} characters can never fit the context of "
-                                 f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
+                raise RequestError("prompt", f"{len(prompt)} characters can never fit the context of "
+                                             f"{self.max_model_len} tokens (at most {self.max_prompt_chars} "
+                                             "characters)")
             ids = self.tokenize(prompt)
             if not ids:
-                raise ValueError("prompt is empty after tokenization")
+                raise RequestError("prompt", "the prompt is empty after tokenization")
             return ids
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Sequence):
+            raise RequestError("prompt", f"expected a string or a sequence of token ids, got "
+                                         f"{type(prompt).__name__}")
         ids = list(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
+            raise RequestError("prompt", "the prompt is empty")
         vocab = self.model.config.vocab_size
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab}), got {bad[:5]}")
+            raise RequestError("prompt", f"token ids must be ints in [0, {vocab}), got {bad[:5]}")
         return ids
 
     def _require_adapter(self, adapter_id: str) -> None:
-        validate_adapter_id(adapter_id)
-        if self.adapters is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
-        # registers just in time, reads and validates it (raises if bad); counts the request's hit or miss
-        self.adapters.prefetch(adapter_id, request=True)
+        if self.adapter_cache is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r:.80}: this engine has no adapter directory")
+        # the cache checks the id, registers it just in time, reads and validates the adapter (raises if bad)
+        # and counts the request's hit or miss
+        self.adapter_cache.prefetch(adapter_id, request=True)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
@@ -190,8 +202,7 @@ class LLMEngine:
             if not out.chunks:
                 return outputs
             try:
-                sampled, result = self.runner.run(out.chunks, self.adapters.device_handle if self.adapters else None,
-                                                  lambda rid: self._states[rid].sampling)
+                sampled, result = self.runner.run(out.chunks, lambda rid: self._states[rid].sampling)
             except Exception as e:  # contain a failing step: fail its requests, keep serving the rest
                 log.exception("step failed; failing its %d requests", len(out.chunks))
                 for c in out.chunks:
@@ -268,30 +279,29 @@ class LLMEngine:
     def load_adapter(self, adapter_id: str, path: str | None = None) -> AdapterInfo:
         """Register ``adapter_id`` for the directory ``path`` (inside the adapter root; default: the id itself)
         and read it now so a bad adapter fails here. Nothing stays registered if it fails."""
-        validate_adapter_id(adapter_id)
-        if self.adapters is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
+        if self.adapter_cache is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r:.80}: this engine has no adapter directory")
         if path is not None and "\x00" in path:  # realpath would raise a bare ValueError
             raise AdapterPathError(f"adapter path {path[:80]!r} contains a NUL character")
         if path is not None and os.path.isabs(path):
             real = os.path.realpath(path)
             if os.path.commonpath([real, self.adapter_dir]) == self.adapter_dir:
                 path = os.path.relpath(real, self.adapter_dir)
-        # one atomic cache call: an UnloadAdapter of the same id racing with this one used to make the info
-        # lookup raise StopIteration (which hangs an asyncio future) instead of returning
-        return self.adapters.load(adapter_id, path)
+        # one atomic cache call (checks the id and the path): an unload of the same id racing with this one
+        # cannot slip in between the read and the info lookup
+        return self.adapter_cache.load(adapter_id, path)
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; raises AdapterBusyError while running requests use it."""
-        if self.adapters is None:
-            raise AdapterNotFoundError(f"adapter {adapter_id!r}: this engine has no adapter directory")
-        self.adapters.unregister(adapter_id)
+        if self.adapter_cache is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r:.80}: this engine has no adapter directory")
+        self.adapter_cache.unregister(adapter_id)
 
     def list_adapters(self) -> list[AdapterInfo]:
         """Registered adapters (any tier) plus adapter directories on disk not loaded yet."""
-        if self.adapters is None:
+        if self.adapter_cache is None:
             return []
-        known = self.adapters.info()
+        known = self.adapter_cache.info()
         seen = {i.adapter_id for i in known}
         on_disk = [AdapterInfo(adapter_id=a, path=os.path.join(self.adapter_dir, a), tier="disk", pins=0,
                                num_pages=None, nbytes=None, generation=0)
@@ -303,10 +313,10 @@ class LLMEngine:
         """Check every bookkeeping invariant; returns the resources still in use."""
         self.block_manager.check_invariants()
         self.scheduler.check_invariants()
-        if self.adapters is not None:
-            self.adapters.check_invariants()
+        if self.adapter_cache is not None:
+            self.adapter_cache.check_invariants()
         return {"kv_blocks_used": self.block_manager.num_used_blocks,
-                "adapter_pins": self.adapters.pinned_count() if self.adapters else 0,
+                "adapter_pins": self.adapter_cache.pinned_count() if self.adapter_cache else 0,
                 "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
                 "tracked": len(self._states)}
 

@@ -97,9 +97,9 @@ class LoraBatch:
         self.gathered = gathered
 
     @classmethod
-    def for_step(cls, batch: FlatBatch, adapters: Sequence[PooledAdapter | None], pool: LoraPool,
+    def for_step(cls, batch: FlatBatch, pooled: Sequence[PooledAdapter | None], pool: LoraPool,
                  dtype: torch.dtype = torch.float32) -> LoraBatch:
-        """The LoRA work of a serving step; ``adapters[slot]`` is the pooled adapter of adapter slot ``slot``,
+        """The LoRA work of a serving step; ``pooled[slot]`` is the pooled adapter of adapter slot ``slot``,
         ``dtype`` the activations' dtype.
 
         Rows go to the batched path (:class:`_GatherPlan`: one kernel call per projection group) or to
@@ -111,7 +111,7 @@ class LoraBatch:
         device = batch.input_ids.device
         by_slot: dict[int, list[tuple[int, int]]] = {}
         for s, slot in enumerate(batch.adapter_slots):
-            if slot >= 0 and adapters[slot] is not None:
+            if slot >= 0 and pooled[slot] is not None:
                 by_slot.setdefault(slot, []).append((batch.query_start[s], batch.query_start[s + 1]))
         cpu_kernel = pool.data.device.type == "cpu" and dtype == torch.float32 and kernel() is not None
         limit = short_prefill_tokens()
@@ -119,7 +119,7 @@ class LoraBatch:
         for slot, spans in by_slot.items():
             short = cpu_kernel and sum(b - a for a, b in spans) <= limit
             taken = [(a, b) for a, b in spans if b - a == 1 or short]
-            rows += [(a, b, adapters[slot]) for a, b in taken]
+            rows += [(a, b, pooled[slot]) for a, b in taken]
         if not cpu_kernel and len(rows) < GATHER_MIN_SEGMENTS:
             rows = []
         gathered = _GatherPlan.build(rows, device) if rows else None
@@ -128,7 +128,7 @@ class LoraBatch:
         for slot, spans in by_slot.items():
             rest = [span for span in spans if span not in in_plan]
             if rest:
-                segments.append(Segment(_token_index(rest, device), PoolWeights(pool, adapters[slot])))
+                segments.append(Segment(_token_index(rest, device), PoolWeights(pool, pooled[slot])))
         return cls(segments, pool, gathered)
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ Contracts
 * Generations: an id's generation starts at 0 and is bumped whenever the id may now name
   different weights (re-registered with another path, or registered again after unregister),
   so prefix caches keyed by ``(adapter_id, generation)`` never reuse stale KV.
+* Ids: every public method that takes an adapter id looks it up through one gate, :meth:`_entry`, which
+  checks its syntax (``validate_adapter_id``: malformed ids raise ``AdapterPathError``) before anything else;
+  :meth:`register` checks a directory given for an id the same way. No caller above checks an id again.
 * Thread safety: one ``threading.RLock`` guards every public method and all bookkeeping. :meth:`prefetch`
   (what a new request calls) reads and validates the adapter from disk *without* the lock, so other callers
   (the engine's scheduler) are not stalled by the read; host->device copies, and the loads :meth:`acquire`
@@ -41,7 +44,12 @@ from typing import Any
 from aspen.errors import AdapterError, AdapterNotFoundError
 from engine.adapters.counters import CacheCounters
 from engine.adapters.page_allocator import PageAllocator
-from engine.adapters.paths import check_confined, resolve_adapter_path, validate_adapter_id
+from engine.adapters.paths import (
+    check_confined,
+    resolve_adapter_path,
+    validate_adapter_id,
+    validate_adapter_path,
+)
 from engine.adapters.types import (  # noqa: F401 -- re-exported: the cache's interface
     AcquireResult,
     AdapterBackend,
@@ -90,60 +98,38 @@ class AdapterCache:
     def register(self, adapter_id: str, path: str | None = None) -> int:
         """Record ``adapter_id`` -> ``path`` (relative to the root; default the id). Returns the generation."""
         with self._lock:
-            validate_adapter_id(adapter_id)
-            real = resolve_adapter_path(self._root, adapter_id if path is None else path)
-            entry = self._entries.get(adapter_id)
-            if entry is not None:
-                if entry.path == real:
-                    return entry.generation
-                if entry.pins:
-                    raise AdapterBusyError(
-                        f"adapter {adapter_id!r} is pinned by {entry.pins} in-flight request(s); "
-                        "cannot re-point it until they finish"
-                    )
-                self._drop(entry)
-                entry.path, entry.num_pages, entry.nbytes = real, None, None
-                entry.generation = self._generations[adapter_id] = entry.generation + 1
-                return entry.generation
-            gen = self._generations[adapter_id] + 1 if adapter_id in self._generations else 0
-            self._generations[adapter_id] = gen
-            self._entries[adapter_id] = _Entry(adapter_id, real, gen)
-            return gen
+            self._entry(adapter_id, register=False)
+            return self._register(adapter_id, path)
 
     def load(self, adapter_id: str, path: str | None = None) -> AdapterInfo:
         """:meth:`register`, :meth:`prefetch` and the adapter's :class:`AdapterInfo`, as one step under the lock, so
         a concurrent :meth:`unregister` of the same id cannot slip in between. Nothing stays registered if the
         read fails."""
         with self._lock:
-            self.register(adapter_id, path)
+            self._entry(adapter_id, register=False)
+            self._register(adapter_id, path)
             try:
-                self.prefetch(adapter_id)
+                self._prefetch(adapter_id, request=False)
             except Exception:
                 entry = self._entries.get(adapter_id)
                 if entry is not None and not entry.pins:
-                    self.unregister(adapter_id)
+                    self._unregister(adapter_id)
                 raise
             return next(i for i in self.info() if i.adapter_id == adapter_id)
 
     def unregister(self, adapter_id: str) -> None:
         """Drop ``adapter_id`` from every tier; :class:`AdapterBusyError` while pinned."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
-            if entry is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            if entry.pins:
-                raise AdapterBusyError(
-                    f"adapter {adapter_id!r} is pinned by {entry.pins} in-flight request(s); "
-                    "release them before unloading"
-                )
-            del self._entries[adapter_id]
-            self._drop(entry)
+            self._entry(adapter_id, register=False)
+            self._unregister(adapter_id)
 
     # ---- pinning ------------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> AcquireResult:
-        """Make ``adapter_id`` device-resident and pin it, or answer CACHE_FULL changing no pins."""
+        """Make ``adapter_id`` device-resident and pin it, or answer CACHE_FULL changing no pins. The result's
+        ``handle`` (the backend's device copy) stays valid, the same object, until the matching :meth:`release`:
+        a pinned copy is never evicted, re-pointed or unregistered."""
         with self._lock:
-            entry = self._lookup(adapter_id)
+            entry = self._entry(adapter_id, register=True)
             status = self._make_resident(entry, keep_host_when_full=False)
             if status is CacheStatus.CACHE_FULL:
                 self._counters.count("cache_full")
@@ -158,7 +144,7 @@ class AdapterCache:
     def release(self, adapter_id: str) -> None:
         """Undo one :meth:`acquire`; ``ValueError`` if the adapter is not pinned."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._entry(adapter_id, register=False)
             if entry is None or entry.pins == 0:
                 raise ValueError(f"adapter {adapter_id!r} is not pinned; release() without a matching acquire()")
             entry.pins -= 1
@@ -174,29 +160,13 @@ class AdapterCache:
         already device-resident, else as a request miss (the per-request hit rate users ask about: acquires
         come later and nearly always hit what this call loaded)."""
         with self._lock:
-            entry = self._lookup(adapter_id)
-            if request:
-                self._counters.count("request_hits" if entry.device is not None else "request_misses")
-            if entry.device is not None or entry.host is not None:
-                return self._make_resident(entry, keep_host_when_full=True)
-            if self._full_before_read(entry, keep_host_when_full=True):
-                return CacheStatus.CACHE_FULL
-            path, generation = entry.path, entry.generation
-        host, seconds = self._read_host(adapter_id, path)  # unlocked (unless the caller holds the lock)
-        with self._lock:
-            self._counters.load_seconds += seconds
-            current = self._entries.get(adapter_id)
-            if (current is entry and entry.generation == generation and entry.host is None
-                    and entry.device is None):
-                self._accept_host(entry, host)
-                if not self._insert_host(entry, host):
-                    return CacheStatus.CACHE_FULL
-            return self._make_resident(self._lookup(adapter_id), keep_host_when_full=True)
+            self._entry(adapter_id, register=True)
+        return self._prefetch(adapter_id, request=request)
 
     def can_acquire(self, adapter_id: str) -> bool:
         """Cheap scheduler hint; True when unknown (acquire decides, and raises if it never fits)."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._entry(adapter_id, register=False)
             if entry is None or entry.device is not None:
                 return True
             need = entry.host.num_pages if entry.host is not None else entry.num_pages
@@ -218,15 +188,10 @@ class AdapterCache:
                     self._drop_host(self._entries[aid], evicted=True)
 
     # ---- queries ------------------------------------------------------------------------
-    def device_handle(self, adapter_id: str) -> Any:
-        with self._lock:
-            entry = self._entries.get(adapter_id)
-            return None if entry is None else entry.device
-
     def tier(self, adapter_id: str) -> str:
         """``"device"``, ``"host"`` or ``"disk"``; raises for an id neither registered nor on disk."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._entry(adapter_id, register=False)
             if entry is None:
                 resolve_adapter_path(self._root, adapter_id)
                 return "disk"
@@ -235,7 +200,7 @@ class AdapterCache:
     def generation(self, adapter_id: str) -> int:
         """Current generation of a registered id (no just-in-time registration)."""
         with self._lock:
-            entry = self._entries.get(adapter_id)
+            entry = self._entry(adapter_id, register=False)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             return entry.generation
@@ -280,13 +245,76 @@ class AdapterCache:
                     raise AssertionError(f"adapter {e.adapter_id!r} holds pages without a device copy")
 
     # ---- internals (caller holds the lock) ----------------------------------------------
-    def _lookup(self, adapter_id: str) -> _Entry:
-        """The entry for ``adapter_id``, registering it just in time if it exists under the root."""
+    def _entry(self, adapter_id: str, *, register: bool) -> _Entry | None:
+        """The gate of every adapter id into the cache: checks its syntax (raises ``AdapterPathError``), then
+        returns its entry (see :meth:`_known`). The methods below it take ids that passed it."""
+        validate_adapter_id(adapter_id)
+        return self._known(adapter_id, register=register)
+
+    def _known(self, adapter_id: str, *, register: bool) -> _Entry | None:
+        """The entry of ``adapter_id``. An unknown id is registered just in time when ``register`` (if its
+        directory exists under the root, else ``AdapterNotFoundError``), else answered with None."""
         entry = self._entries.get(adapter_id)
-        if entry is None:
-            self.register(adapter_id)
+        if entry is None and register:
+            self._register(adapter_id, None)
             entry = self._entries[adapter_id]
         return entry
+
+    def _register(self, adapter_id: str, path: str | None) -> int:
+        if path is not None:
+            validate_adapter_path(path)
+        real = resolve_adapter_path(self._root, adapter_id if path is None else path)
+        entry = self._entries.get(adapter_id)
+        if entry is not None:
+            if entry.path == real:
+                return entry.generation
+            if entry.pins:
+                raise AdapterBusyError(
+                    f"adapter {adapter_id!r} is pinned by {entry.pins} in-flight request(s); "
+                    "cannot re-point it until they finish"
+                )
+            self._drop(entry)
+            entry.path, entry.num_pages, entry.nbytes = real, None, None
+            entry.generation = self._generations[adapter_id] = entry.generation + 1
+            return entry.generation
+        gen = self._generations[adapter_id] + 1 if adapter_id in self._generations else 0
+        self._generations[adapter_id] = gen
+        self._entries[adapter_id] = _Entry(adapter_id, real, gen)
+        return gen
+
+    def _unregister(self, adapter_id: str) -> None:
+        entry = self._entries.get(adapter_id)
+        if entry is None:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+        if entry.pins:
+            raise AdapterBusyError(
+                f"adapter {adapter_id!r} is pinned by {entry.pins} in-flight request(s); "
+                "release them before unloading"
+            )
+        del self._entries[adapter_id]
+        self._drop(entry)
+
+    def _prefetch(self, adapter_id: str, *, request: bool) -> CacheStatus:
+        """:meth:`prefetch`; takes the lock itself (reads without it unless the caller holds it)."""
+        with self._lock:
+            entry = self._known(adapter_id, register=True)
+            if request:
+                self._counters.count("request_hits" if entry.device is not None else "request_misses")
+            if entry.device is not None or entry.host is not None:
+                return self._make_resident(entry, keep_host_when_full=True)
+            if self._full_before_read(entry, keep_host_when_full=True):
+                return CacheStatus.CACHE_FULL
+            path, generation = entry.path, entry.generation
+        host, seconds = self._read_host(adapter_id, path)  # unlocked (unless the caller holds the lock)
+        with self._lock:
+            self._counters.load_seconds += seconds
+            current = self._entries.get(adapter_id)
+            if (current is entry and entry.generation == generation and entry.host is None
+                    and entry.device is None):
+                self._accept_host(entry, host)
+                if not self._insert_host(entry, host):
+                    return CacheStatus.CACHE_FULL
+            return self._make_resident(self._known(adapter_id, register=True), keep_host_when_full=True)
 
     def _make_resident(self, entry: _Entry, *, keep_host_when_full: bool) -> CacheStatus:
         if entry.device is not None:

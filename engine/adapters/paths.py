@@ -5,8 +5,10 @@ Contract
 * An adapter id is a *relative* sub-path of the adapter root, e.g. ``"math"`` or
   ``"team-a/summarizer-v2"``: 1..256 characters from ``[A-Za-z0-9._-]`` plus ``/`` as the
   component separator. No empty, ``.`` or ``..`` components, no leading ``/``, no backslashes,
-  no NUL or other control characters. :func:`validate_adapter_id` checks this syntax only.
-* :func:`resolve_adapter_path` additionally resolves the id against the root with
+  no NUL or other control characters. :func:`validate_adapter_id` checks this syntax only, and
+  :func:`validate_adapter_path` the same syntax of a directory given for an adapter; the adapter
+  cache is their one caller, where an id or a path enters it.
+* :func:`resolve_adapter_path` resolves a well-formed id (or path) against the root with
   ``os.path.realpath`` and refuses anything that lands outside ``realpath(root)`` (or on the
   root itself), so a symlink inside the root may point elsewhere *inside* the root but never out
   of it. A missing directory is :class:`AdapterNotFoundError`; every other refusal is
@@ -16,7 +18,7 @@ Contract
   ``latest -> v2`` is listed under both names), skips those that escape, breaks symlink cycles,
   and skips names that are not valid ids.
 
-Checks happen at resolve time, and again by :func:`check_confined` right before the adapter cache reads an
+Confinement is checked at resolve time, and again by :func:`check_confined` right before the adapter cache reads an
 adapter (a directory swapped for a symlink after it was registered, or a *file* inside the adapter directory
 that is a symlink out of the root, is refused then). What remains is the window between that check and the
 open (TOCTOU), which needs an attacker who can already write inside the adapter root.
@@ -43,41 +45,48 @@ def _show(adapter_id: str) -> str:
 
 
 def validate_adapter_id(adapter_id: str) -> None:
-    """Raise :class:`AdapterPathError` unless ``adapter_id`` is a well-formed relative adapter id."""
-    if not isinstance(adapter_id, str):
-        raise AdapterPathError(f"adapter id must be a string, got {type(adapter_id).__name__}")
-    if not adapter_id:
-        raise AdapterPathError("adapter id is empty; expected a relative path such as 'team-a/summarizer'")
-    if len(adapter_id) > MAX_ADAPTER_ID_LEN:
-        raise AdapterPathError(
-            f"adapter id {_show(adapter_id)} is {len(adapter_id)} characters long; "
-            f"at most {MAX_ADAPTER_ID_LEN} are allowed"
-        )
-    if "\x00" in adapter_id:
-        raise AdapterPathError(f"adapter id {_show(adapter_id)} contains a NUL character")
-    controls = sorted({c for c in adapter_id if unicodedata.category(c) == "Cc"})
+    """Raise :class:`AdapterPathError` unless ``adapter_id`` is a well-formed relative adapter id. The adapter
+    cache calls it at the one gate every id passes on its way in (``AdapterCache._entry``)."""
+    problem = _syntax_problem(adapter_id, "adapter id")
+    if problem is not None:
+        raise AdapterPathError(problem)
+
+
+def validate_adapter_path(path: str) -> None:
+    """Raise :class:`AdapterPathError` unless ``path`` (a directory given for an adapter, relative to the root)
+    has an adapter id's syntax."""
+    problem = _syntax_problem(path, "adapter path")
+    if problem is not None:
+        raise AdapterPathError(problem)
+
+
+def _syntax_problem(name: object, noun: str) -> str | None:
+    """Why ``name`` is not a well-formed relative path of the adapter root (see the module contract), or None."""
+    if not isinstance(name, str):
+        return f"{noun} must be a string, got {type(name).__name__}"
+    if not name:
+        return f"{noun} is empty; expected a relative path such as 'team-a/summarizer'"
+    if len(name) > MAX_ADAPTER_ID_LEN:
+        return f"{noun} {_show(name)} is {len(name)} characters long; at most {MAX_ADAPTER_ID_LEN} are allowed"
+    if "\x00" in name:
+        return f"{noun} {_show(name)} contains a NUL character"
+    controls = sorted({c for c in name if unicodedata.category(c) == "Cc"})
     if controls:
         shown = ", ".join(f"U+{ord(c):04X}" for c in controls)
-        raise AdapterPathError(f"adapter id {_show(adapter_id)} contains control characters ({shown})")
-    if "\\" in adapter_id:
-        raise AdapterPathError(f"adapter id {_show(adapter_id)} contains a backslash; use '/' between components")
-    if adapter_id.startswith("/"):
-        raise AdapterPathError(
-            f"adapter id {_show(adapter_id)} is an absolute path; expected a path relative to the adapter root"
-        )
-    for component in adapter_id.split("/"):
+        return f"{noun} {_show(name)} contains control characters ({shown})"
+    if "\\" in name:
+        return f"{noun} {_show(name)} contains a backslash; use '/' between components"
+    if name.startswith("/"):
+        return f"{noun} {_show(name)} is an absolute path; expected a path relative to the adapter root"
+    for component in name.split("/"):
         if component == "":
-            raise AdapterPathError(
-                f"adapter id {_show(adapter_id)} has an empty path component ('//' or a trailing '/')"
-            )
+            return f"{noun} {_show(name)} has an empty path component ('//' or a trailing '/')"
         if component in (".", ".."):
-            raise AdapterPathError(f"adapter id {_show(adapter_id)} has a {component!r} path component")
-    bad = sorted(set(_DISALLOWED.findall(adapter_id)))
+            return f"{noun} {_show(name)} has a {component!r} path component"
+    bad = sorted(set(_DISALLOWED.findall(name)))
     if bad:
-        raise AdapterPathError(
-            f"adapter id {_show(adapter_id)} has characters outside [A-Za-z0-9._-/]: "
-            + ", ".join(repr(c) for c in bad)
-        )
+        return f"{noun} {_show(name)} has characters outside [A-Za-z0-9._-/]: " + ", ".join(repr(c) for c in bad)
+    return None
 
 
 def _is_inside(path: str, root: str) -> bool:
@@ -86,12 +95,12 @@ def _is_inside(path: str, root: str) -> bool:
 
 
 def resolve_adapter_path(root: str, adapter_id: str) -> str:
-    """Return the real path of adapter ``adapter_id`` under ``root``.
+    """Return the real path of adapter ``adapter_id`` (or of a path given for one) under ``root``; its syntax is
+    checked already (:func:`validate_adapter_id`, :func:`validate_adapter_path`).
 
-    Raises :class:`AdapterPathError` for a malformed id or one that resolves outside the root,
+    Raises :class:`AdapterPathError` when it resolves outside the root (or onto the root itself),
     :class:`AdapterNotFoundError` when the root or the adapter directory does not exist.
     """
-    validate_adapter_id(adapter_id)
     root_real = os.path.realpath(root)
     if not os.path.isdir(root_real):
         raise AdapterNotFoundError(f"adapter root {root!r} is not a directory")
@@ -140,11 +149,12 @@ def list_adapter_dirs(root: str) -> list[str]:
             continue
         for entry in entries:
             child_id = f"{rel}/{entry.name}" if rel else entry.name
+            if _syntax_problem(child_id, "adapter id") is not None:
+                continue
             try:
-                validate_adapter_id(child_id)
                 if not entry.is_dir(follow_symlinks=True):
                     continue
-            except (AdapterPathError, OSError):
+            except OSError:
                 continue
             child_real = os.path.realpath(entry.path)
             if not _is_inside(child_real, root_real) or child_real in ancestors:

@@ -41,12 +41,15 @@ class Request:
     ``adapter_id`` None means the base model. ``adapter_key`` is the prefix-cache key of the
     adapter weights this request runs with: None for the base model, else ``(adapter_id,
     generation)``, set at each admission from the adapter cache's ``AcquireResult.generation``.
+    ``adapter_handle`` is the device copy of the adapter that admission pinned (opaque to the
+    scheduler), set while ``RUNNING`` and cleared when the pin is released (preemption, finish).
     ``num_cached_tokens`` is the prefix-cache hit (in tokens) at its first admission.
     ``skipped`` counts the requests admitted past this one while it waited at the head of the
     queue for its adapter (see the fairness rule in :mod:`engine.scheduling.scheduler`).
     """
 
     __slots__ = (
+        "adapter_handle",
         "adapter_id",
         "adapter_key",
         "arrival_time",
@@ -94,6 +97,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.adapter_key: Hashable = None
+        self.adapter_handle: object = None
         self.finish_reason: FinishReason | None = None
         self.error: BaseException | None = None
         self.num_preemptions = 0

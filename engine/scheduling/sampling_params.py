@@ -28,6 +28,11 @@ from typing import Any
 
 #: Temperatures below this are treated as greedy decoding.
 GREEDY_TEMPERATURE = 1e-5
+#: Ranges the float32 sampler handles without producing a row of no finite logit (such a NaN row fails the whole
+#: step, i.e. every request batched with it): the logits are divided by the temperature, and multiplied or
+#: divided by the repetition penalty.
+MAX_TEMPERATURE = 1e4
+REPETITION_PENALTY_RANGE = (1e-4, 1e4)
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -91,14 +96,16 @@ class SamplingParams:
         _require_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens,
                      f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
         t = self.temperature
-        _require_real("temperature", t, _is_real(t) and t >= 0, "a finite number >= 0 (0 means greedy)")
+        _require_real("temperature", t, _is_real(t) and 0 <= t <= MAX_TEMPERATURE,
+                      f"a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)")
         _require_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 disables top-k)")
         p = self.top_p
         _require_real("top_p", p, _is_real(p) and 0 < p <= 1, "a number in (0, 1]")
         m = self.min_p
         _require_real("min_p", m, _is_real(m) and 0 <= m <= 1, "a number in [0, 1]")
-        r = self.repetition_penalty
-        _require_real("repetition_penalty", r, _is_real(r) and r > 0, "a finite number > 0 (1 disables it)")
+        r, (r_lo, r_hi) = self.repetition_penalty, REPETITION_PENALTY_RANGE
+        _require_real("repetition_penalty", r, _is_real(r) and r_lo <= r <= r_hi,
+                      f"a number in [{r_lo:g}, {r_hi:g}] (1 disables it)")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _require_real(name, v, _is_real(v) and -2 <= v <= 2, "a number in [-2, 2]")

@@ -19,7 +19,8 @@ Rules of one :meth:`Scheduler.schedule` call (token budget ``max_num_batched_tok
    than every request already scheduled in this step, so no emitted chunk is invalidated.
 2. **Then waiting requests, FCFS**, unless this step preempted (admitting would only thrash),
    while the budget and ``max_num_seqs`` allow. Admission pins the adapter
-   (``adapters.acquire``), then allocates blocks for all of ``all_token_ids`` (so a resumed
+   (``adapter_pins.acquire``; the pinned handle travels with the request's chunks to the runner
+   and is dropped when the pin is released), then allocates blocks for all of ``all_token_ids`` (so a resumed
    request gets the same prefix-cache hit), sets ``num_computed_tokens`` to the cached prefix
    and schedules the first chunk. With ``chunked_prefill=False`` a request is admitted only if
    its whole uncached prompt fits the budget left (a resumed request longer than
@@ -34,10 +35,12 @@ Rules of one :meth:`Scheduler.schedule` call (token budget ``max_num_batched_tok
    pins, and the head gets in. A head thus waits at most ``max_head_skips`` bypasses plus the
    time the requests running then take to finish. ``max_head_skips=0`` is strict FCFS.
 
-``add`` refuses (ValueError) requests that could never run: prompt + ``max_new_tokens`` over
-``max_model_len`` or over the KV pool, a prompt over the budget with chunked prefill off, or an
-adapter request without an adapter cache. No leaks: once every request is finished or aborted
-the block manager has no used blocks and the scheduler holds no adapter pins.
+``add`` refuses (:class:`~engine.scheduling.errors.RequestError`) requests that could never run:
+prompt + ``max_new_tokens`` over ``max_model_len`` or over the KV pool, a prompt over the budget
+with chunked prefill off, an adapter request without an adapter cache, or an id already live. The
+waiting queue has no cap here: the engine owns it (it also counts adds it has not applied yet).
+No leaks: once every request is finished or aborted the block manager has no used blocks and the
+scheduler holds no adapter pins.
 
 The config, step output, stats, adapter-pin protocol and :class:`QueueFullError` live in
 :mod:`engine.scheduling.types` and are re-exported here.
@@ -50,8 +53,10 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 
 from engine.scheduling.block_manager import BlockManager
+from engine.scheduling.errors import DuplicateRequestError, RequestError
 from engine.scheduling.request import FinishReason, Request, RequestStatus
-from engine.scheduling.types import (
+from engine.scheduling.types import (  # noqa: F401 -- re-exported: the scheduler's interface
+    AdapterPin,
     AdapterPins,
     QueueFullError,
     ScheduledChunk,
@@ -75,12 +80,12 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
-        adapters: AdapterPins | None,
+        adapter_pins: AdapterPins | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.block_manager = block_manager
-        self.adapters = adapters
+        self.adapter_pins = adapter_pins
         self.clock = clock
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order, newest last
@@ -121,37 +126,38 @@ class Scheduler:
 
     # -------------------------------------------------------- request lifecycle
     def add(self, request: Request) -> None:
-        """Queue a new request. ValueError if it could never run or its id is live;
-        QueueFullError when ``max_waiting`` requests already wait."""
+        """Queue a new request; raises as :meth:`check` does."""
         self.check(request)
-        if self.config.max_waiting and len(self._waiting) >= self.config.max_waiting:
-            raise QueueFullError(self.config.max_waiting)
         if request.arrival_time is None:
             request.arrival_time = self.clock()
         self._live[request.request_id] = request
         self._waiting.append(request)
 
     def check(self, request: Request) -> None:
-        """Raise ValueError if ``request`` could never run here (or its id is live); changes nothing."""
+        """Raise if ``request`` could never run here: :class:`DuplicateRequestError` for a live id, else a
+        :class:`RequestError` naming the field at fault (ValueError for a request that is not fresh). Changes
+        nothing."""
         cfg, rid = self.config, request.request_id
         if request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.output_token_ids:
             raise ValueError(f"request {rid!r} is not a fresh request ({request!r})")
         if rid in self._live:
-            raise ValueError(f"request id {rid!r} is already in use by a live request")
+            raise DuplicateRequestError(rid)
         prompt_len, max_new = request.num_prompt_tokens, request.params.max_new_tokens
         if prompt_len + max_new > cfg.max_model_len:
-            raise ValueError(f"request {rid!r}: prompt of {prompt_len} tokens + max_new_tokens={max_new} "
-                             f"exceeds max_model_len={cfg.max_model_len}")
+            raise RequestError("prompt", f"request {rid!r}: prompt of {prompt_len} tokens + max_new_tokens="
+                                         f"{max_new} exceeds max_model_len={cfg.max_model_len}")
         if not cfg.chunked_prefill and prompt_len > cfg.max_num_batched_tokens:
-            raise ValueError(f"request {rid!r}: prompt of {prompt_len} tokens exceeds max_num_batched_tokens="
-                             f"{cfg.max_num_batched_tokens} and chunked prefill is off")
+            raise RequestError("prompt", f"request {rid!r}: prompt of {prompt_len} tokens exceeds "
+                                         f"max_num_batched_tokens={cfg.max_num_batched_tokens} and chunked "
+                                         "prefill is off")
         # The largest table a request ever needs: it is never scheduled with max_new outputs.
         needed = self.block_manager.blocks_needed(prompt_len + max_new - 1)
         if needed > self.block_manager.num_blocks:
-            raise ValueError(f"request {rid!r} needs {needed} KV blocks but the pool has num_blocks="
-                             f"{self.block_manager.num_blocks}")
-        if request.adapter_id is not None and self.adapters is None:
-            raise ValueError(f"request {rid!r} names adapter {request.adapter_id!r} but no adapter cache is set")
+            raise RequestError("prompt", f"request {rid!r} needs {needed} KV blocks (prompt + max_new_tokens) "
+                                         f"but the pool has num_blocks={self.block_manager.num_blocks}")
+        if request.adapter_id is not None and self.adapter_pins is None:
+            raise RequestError("adapter_id", f"request {rid!r} names adapter {request.adapter_id!r} but no "
+                                             "adapter cache is set")
 
     def abort(self, request_id: str) -> Request | None:
         """Finish a live request as ABORTED, freeing its blocks and pin now; None if not live."""
@@ -243,20 +249,21 @@ class Scheduler:
         return budget
 
     def _try_admit(self, request: Request, budget: int) -> _Admit:
-        """Pin the adapter and allocate blocks; on success the request is RUNNING (not yet listed)."""
-        rid, adapter_id, key = request.request_id, request.adapter_id, None
+        """Pin the adapter and allocate blocks; on success the request is RUNNING (not yet listed) and holds
+        the pinned adapter's handle."""
+        rid, adapter_id, key, handle = request.request_id, request.adapter_id, None, None
         if adapter_id is not None:
-            assert self.adapters is not None
+            assert self.adapter_pins is not None
             try:
-                if not self.adapters.can_acquire(adapter_id):
+                if not self.adapter_pins.can_acquire(adapter_id):
                     return _Admit.NO_PIN
-                result = self.adapters.acquire(adapter_id)
+                pin = self.adapter_pins.acquire(adapter_id)
             except Exception as exc:  # noqa: BLE001 -- a bad adapter fails its request, not the scheduler
                 request.error = exc
                 return _Admit.FAILED
-            if not result.ok:
+            if not pin.ok:
                 return _Admit.NO_PIN
-            key = (adapter_id, result.generation)
+            key, handle = (adapter_id, pin.generation), pin.handle
         tokens = request.all_token_ids
         if not self.config.chunked_prefill:
             uncached = len(tokens) - self.block_manager.cached_prefix_len(tokens, key)
@@ -271,6 +278,7 @@ class Scheduler:
             self._pins[adapter_id] += 1
         request.status = RequestStatus.RUNNING
         request.adapter_key = key
+        request.adapter_handle = handle
         request.num_computed_tokens = allocation.num_cached_tokens
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self.clock()
@@ -283,7 +291,7 @@ class Scheduler:
         start = request.num_computed_tokens
         end = min(request.num_tokens, start + budget)
         table = self.block_manager.block_table(request.request_id)
-        chunks.append(ScheduledChunk(request, start, end, end == request.num_tokens, table))
+        chunks.append(ScheduledChunk(request, start, end, end == request.num_tokens, table, request.adapter_handle))
         return budget - (end - start)
 
     def _preempt(self, request: Request) -> None:
@@ -298,14 +306,15 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
+        request.adapter_handle = None  # valid only while pinned; re-admission acquires it again
         if request.adapter_id is not None:
             self._pins[request.adapter_id] -= 1  # zero counts compare equal to missing ones
             self._unpin(request.adapter_id)
 
     def _unpin(self, adapter_id: str | None) -> None:
         if adapter_id is not None:
-            assert self.adapters is not None
-            self.adapters.release(adapter_id)
+            assert self.adapter_pins is not None
+            self.adapter_pins.release(adapter_id)
 
     # ------------------------------------------------------------- step result
     def on_step_done(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
@@ -349,15 +358,17 @@ class Scheduler:
             assert r.num_computed_tokens < r.num_tokens, f"{r!r} has no uncomputed token"
             key_ok = r.adapter_key is None if r.adapter_id is None else r.adapter_key[0] == r.adapter_id
             assert key_ok, f"{r!r} has adapter_key {r.adapter_key!r}"
+            assert (r.adapter_handle is None) == (r.adapter_id is None), f"{r!r} runs without its pinned handle"
             used.update(table)
             if r.adapter_id is not None:
                 pins[r.adapter_id] += 1
         for r in self._waiting:
             assert r.status is RequestStatus.WAITING and r.request_id not in bm, f"{r!r} waits holding blocks"
             assert r.num_computed_tokens == 0, f"{r!r} waits with computed tokens"
+            assert r.adapter_handle is None, f"{r!r} waits holding an adapter handle"
         assert len(used) == bm.num_used_blocks, f"running tables hold {len(used)} blocks, {bm.num_used_blocks} used"
         assert pins == self._pins, f"running requests pin {dict(pins)}, tracked {dict(self._pins)}"
-        pinned_count = getattr(self.adapters, "pinned_count", None)
+        pinned_count = getattr(self.adapter_pins, "pinned_count", None)
         if pinned_count is not None:
             assert pinned_count() >= sum(pins.values()), "the adapter cache holds fewer pins than running requests"
 

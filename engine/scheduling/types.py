@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 from engine.scheduling.request import Request
 
 
 class QueueFullError(RuntimeError):
-    """``add`` refused a request: ``max_waiting`` requests are already queued."""
+    """A request was refused because ``max_waiting`` requests already wait (the engine owns the cap: it counts
+    the adds not yet applied too)."""
 
     def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
@@ -21,16 +22,17 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """What the scheduler needs to know; the engine derives it from its own config
+    (``EngineConfig.scheduler_config``), whose fields of the same names it mirrors."""
+
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     chunked_prefill: bool = True  # False: a prompt is prefilled whole in one step
-    max_waiting: int = 0  # 0 = unbounded
     max_head_skips: int = 32  # fairness bound, see the engine.scheduling.scheduler docstring
 
     def __post_init__(self) -> None:
-        minimum = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 1,
-                   "max_waiting": 0, "max_head_skips": 0}
+        minimum = {"max_num_seqs": 1, "max_num_batched_tokens": 1, "max_model_len": 1, "max_head_skips": 0}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "chunked_prefill":
@@ -46,6 +48,8 @@ class ScheduledChunk:
 
     ``sample``: the chunk reaches the last known token, so the step samples a new token for it.
     ``block_table``: the request's KV blocks, covering at least ``end`` tokens.
+    ``adapter_handle``: the device copy of the request's adapter that admission pinned (opaque here; stable
+    while pinned), None for the base model. The runner reads the weights through it, with no second lookup.
     """
 
     request: Request
@@ -53,6 +57,7 @@ class ScheduledChunk:
     end: int
     sample: bool
     block_table: tuple[int, ...]
+    adapter_handle: object = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,11 +71,6 @@ class SchedulerOutput:
     failed: tuple[Request, ...]  # finished with FinishReason.ERROR at admission, ``.error`` set
     num_batched_tokens: int
 
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to run and nothing to report (the model runs iff ``chunks`` is non-empty)."""
-        return not (self.chunks or self.preempted or self.failed)
-
 
 @dataclass(frozen=True)
 class SchedulerStats:
@@ -80,9 +80,20 @@ class SchedulerStats:
     num_failed: int
 
 
-class AdapterPins(Protocol):
-    """What the scheduler needs from the adapter cache (:class:`AdapterCache` satisfies it)."""
+class AdapterPin(Protocol):
+    """The answer to one acquire (``engine.adapters.types.AcquireResult`` satisfies it)."""
 
-    def acquire(self, adapter_id: str) -> Any: ...  # result with ``.ok`` and ``.generation``
+    @property
+    def ok(self) -> bool: ...  # False: not now (pages held by pinned adapters), nothing pinned
+    @property
+    def generation(self) -> int: ...  # of the weights the id names now: part of the prefix-cache key
+    @property
+    def handle(self) -> object: ...  # the pinned device copy, handed to the runner unopened
+
+
+class AdapterPins(Protocol):
+    """What the scheduler needs from the adapter cache (``engine.adapters.cache.AdapterCache`` satisfies it)."""
+
+    def acquire(self, adapter_id: str) -> AdapterPin: ...
     def release(self, adapter_id: str) -> None: ...
     def can_acquire(self, adapter_id: str) -> bool: ...

@@ -79,7 +79,7 @@ class EngineCollector:
         yield self._gauge("num_requests_waiting", "Requests in the waiting queue.", len(waiting))
         yield self._gauge("kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent.", blocks.usage)
         yield self._gauge("kv_blocks_used", "KV blocks held by requests.", blocks.num_used_blocks)
-        cache = engine.adapters
+        cache = engine.adapter_cache
         yield self._gauge("adapter_pins_in_use", "Adapter pins held by running requests.",
                           cache.pinned_count() if cache is not None else 0)
         info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on LoRA requests.",

@@ -80,7 +80,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async with self.s.call(context):
             llm, cfg = self.s.llm, self.s.llm.config
             mc = llm.model.config
-            stats = llm.adapters.stats() if llm.adapters is not None else None
+            stats = llm.adapter_cache.stats() if llm.adapter_cache is not None else None
             return pb.GetModelInfoResponse(
                 base_model=self.s.options.model_name, model_family=mc.family,
                 dtype=str(llm.model.dtype).removeprefix("torch."),
@@ -136,7 +136,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             llm = self.s.llm
 
             def work():
-                registered = {i.adapter_id for i in llm.adapters.info()} if llm.adapters is not None else set()
+                registered = {i.adapter_id for i in llm.adapter_cache.info()} if llm.adapter_cache is not None else set()
                 return [adapter_info_proto(llm, i, i.adapter_id in registered) for i in llm.list_adapters()]
 
             return pb.ListAdaptersResponse(adapters=await self.s.engine.run_blocking(work))

@@ -71,6 +71,11 @@ class FakeBackend:
             assert self.live.pop(p) is dev
 
 
+def resident(be: FakeBackend, handle: FakeDevice) -> bool:
+    """Whether ``handle`` is a live device copy: not released, and its pages hold it."""
+    return not handle.released and all(be.live.get(p) is handle for p in handle.pages)
+
+
 def make_cache(
     tmp_path: Path, sizes: dict[str, tuple[int, int]], host_budget: int = 10_000, pages: int = 16
 ) -> tuple[AdapterCache, FakeBackend]:
@@ -121,7 +126,7 @@ def test_tier_transitions_disk_host_device(tmp_path: Path) -> None:
     cache, be = make_cache(tmp_path, {"a": (100, 2), "b": (100, 2)}, host_budget=150, pages=2)
     assert cache.tier("a") == "disk"
     r = cache.acquire("a")
-    assert r.status is LOADED and r.generation == 0 and r.handle is cache.device_handle("a")
+    assert r.status is LOADED and r.generation == 0 and resident(be, r.handle)
     assert r.handle.pages == (0, 1) and cache.tier("a") == "device"
     cache.release("a")
     assert cycle(cache, "a") is HIT and len(be.load_calls) == 1
@@ -192,7 +197,7 @@ def test_pinning_blocks_eviction_and_cache_full_changes_nothing(tmp_path: Path) 
     assert cache.can_acquire("c")
     r = cache.acquire("c")
     assert r.status is LOADED and set(r.handle.pages) <= set(ha.pages)
-    assert cache.tier("a") == "host" and cache.device_handle("b") is hb
+    assert cache.tier("a") == "host" and resident(be, hb)  # pinned all along: the same copy
     for k in "bc":
         cache.release(k)
     assert cache.pinned_count() == 0
@@ -341,6 +346,21 @@ def test_generation_bump_on_reregister(tmp_path: Path) -> None:
         cache.generation("b")
 
 
+def test_every_entry_checks_the_id_before_touching_disk(tmp_path: Path) -> None:
+    """The cache is where an adapter id (or a directory given for one) is checked: each public method refuses
+    a malformed one with AdapterPathError, reading nothing."""
+    cache, be = make_cache(tmp_path, {"a": (10, 1)})
+    for bad in ("../adapters/a", "/abs", "a//", "a\x00", "bad id!", "", 42):
+        for call in (cache.register, cache.load, cache.unregister, cache.acquire, cache.release, cache.prefetch,
+                     cache.can_acquire, cache.tier, cache.generation):
+            with pytest.raises(AdapterPathError):
+                call(bad)
+    for bad_path in ("../adapters/a", "/abs", "a//", "a\x00"):
+        with pytest.raises(AdapterPathError, match="adapter path"):
+            cache.load("x", bad_path)
+    assert be.load_calls == [] and cache.info() == []
+
+
 def test_just_in_time_registration(tmp_path: Path) -> None:
     cache, _ = make_cache(tmp_path, {"team-a/summarizer-v2": (10, 1)})
     assert cache.info() == [] and cache.can_acquire("team-a/summarizer-v2")
@@ -389,6 +409,7 @@ def test_random_cycles_never_leak_pages_or_bytes(tmp_path: Path) -> None:
     cache, be = make_cache(tmp_path, sizes, host_budget=budget, pages=total)
     ids = [f"ad{i}" for i in range(12)]
     pins = dict.fromkeys(ids, 0)
+    held: dict[str, list[FakeDevice]] = {aid: [] for aid in ids}
     outcomes: dict[str, int] = {}
     for _ in range(10_000):
         op = rng.random()
@@ -404,12 +425,14 @@ def test_random_cycles_never_leak_pages_or_bytes(tmp_path: Path) -> None:
                 outcomes[r.status.name] = outcomes.get(r.status.name, 0) + 1
                 if r.ok:
                     pins[aid] += 1
-                    assert r.handle.pages and set(r.handle.pages) == set(cache.device_handle(aid).pages)
+                    held[aid].append(r.handle)
+                    assert r.handle.pages and resident(be, r.handle)
             be.fail_load, be.fail_device = set(), set()
         elif op < 0.85:
             pinned = [k for k, v in pins.items() if v]
             if pinned:
                 k = rng.choice(pinned)
+                assert resident(be, held[k].pop())  # a handle stays valid while its pin is held
                 cache.release(k)
                 pins[k] -= 1
         elif op < 0.92:
@@ -455,7 +478,7 @@ def test_concurrent_acquire_release(tmp_path: Path) -> None:
             r = cache.acquire(aid)
             if r.ok:
                 loaded += r.status is LOADED
-                assert r.handle is cache.device_handle(aid)
+                assert resident(be, r.handle)
                 cache.release(aid)
         return loaded
 

@@ -12,6 +12,7 @@ from engine.adapters.paths import (
     list_adapter_dirs,
     resolve_adapter_path,
     validate_adapter_id,
+    validate_adapter_path,
 )
 
 
@@ -97,11 +98,12 @@ def test_resolve_through_symlinked_root(tmp_path: Path, root: Path) -> None:
     assert resolve_adapter_path(str(link), "math") == os.path.realpath(d)
 
 
-def test_resolve_validates_syntax_before_touching_disk(root: Path) -> None:
+def test_a_path_given_for_an_adapter_has_the_id_syntax(root: Path) -> None:
     make_adapter(root, "math")
     for bad in ("../adapters/math", "/" + str(root / "math").lstrip("/"), "math//", "ma\x00th"):
-        with pytest.raises(AdapterPathError):
-            resolve_adapter_path(str(root), bad)
+        with pytest.raises(AdapterPathError, match="adapter path"):
+            validate_adapter_path(bad)
+    validate_adapter_path("math")
 
 
 def test_symlink_inside_root_is_allowed(root: Path) -> None:

@@ -172,20 +172,38 @@ def test_logprobs_returned(setup):
 
 
 def test_bad_requests_fail_at_once(setup):
+    """add_request checks every rule of a request and raises a typed error naming the field at fault."""
     from aspen.errors import AdapterNotFoundError, AdapterPathError
+    from engine.scheduling.errors import DuplicateRequestError, RequestError
     from engine.scheduling.sampling_params import SamplingParamsError
+    from engine.scheduling.scheduler import QueueFullError
 
-    eng = engine(setup, max_model_len=64)
+    eng = engine(setup, max_model_len=64, max_waiting=1)
     with pytest.raises(AdapterNotFoundError):
         eng.add_request([5, 6], GREEDY, "missing")
-    with pytest.raises(AdapterPathError):
-        eng.add_request([5, 6], GREEDY, "../escape")
-    with pytest.raises(ValueError, match="prompt is empty"):
-        eng.add_request([], GREEDY)
-    with pytest.raises(ValueError, match="token ids"):
-        eng.add_request([5, 10**6], GREEDY)
+    for bad_id in ("../escape", "bad id!", "a//b"):
+        with pytest.raises(AdapterPathError):
+            eng.add_request([5, 6], GREEDY, bad_id)
+    refusals = [(([],), "prompt", "prompt is empty"), (("",), "prompt", "prompt is empty"),
+                (([5, 10**6],), "prompt", "token ids"), (([5, -1],), "prompt", "token ids"),
+                (("x" * (eng.max_prompt_chars + 1),), "prompt", "can never fit"),
+                (([5], GREEDY, None, "r" * 257), "request_id", "257"), (([5], GREEDY, None, ""), "request_id", "non-empty")]
+    for args, field, needle in refusals:
+        with pytest.raises(RequestError, match=needle) as info:
+            eng.add_request(*args)
+        assert info.value.field == field, args
     with pytest.raises(SamplingParamsError, match="max_new_tokens"):
         eng.add_request([5] * 60, SamplingParams(max_new_tokens=10))
+    assert eng.check_invariants()["tracked"] == 0
+    eng.add_request([5, 6], GREEDY, request_id="r" * 256)
+    with pytest.raises(DuplicateRequestError) as dup:
+        eng.add_request([7], GREEDY, request_id="r" * 256)
+    assert dup.value.field == "request_id"
+    with pytest.raises(QueueFullError):  # max_waiting=1, counting the add not applied yet
+        eng.add_request([7], GREEDY)
+    eng.abort("r" * 256)
+    while eng.has_work():
+        eng.step()
     assert eng.check_invariants()["tracked"] == 0
 
 

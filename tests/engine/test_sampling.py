@@ -15,10 +15,12 @@ from engine.scheduling.sampling_params import SamplingParams, SamplingParamsErro
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
+    ("temperature", 1e4 * 1.001), ("temperature", 1e300),
     ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.2),
     ("top_k", -1), ("top_k", 2.5),
     ("min_p", -0.01), ("min_p", 1.01),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("inf")),
+    ("repetition_penalty", 1e-300), ("repetition_penalty", 2e4),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01),
     ("frequency_penalty", 3.0), ("frequency_penalty", -3.0),
     ("max_new_tokens", 0), ("max_new_tokens", -5), ("max_new_tokens", True),
@@ -50,6 +52,8 @@ def test_params_defaults_and_normalisation() -> None:
     # Edges of the accepted ranges are accepted.
     SamplingParams(top_p=1.0, min_p=1.0, presence_penalty=-2, frequency_penalty=2, logprobs=20, seed=2**63 - 1,
                    min_new_tokens=16, stop=["x" * 256] * 16)
+    SamplingParams(temperature=1e4, repetition_penalty=1e4)
+    SamplingParams(repetition_penalty=1e-4)
 
 
 def test_stops_on() -> None:

@@ -20,9 +20,10 @@ import pytest
 from aspen.errors import AdapterError
 from engine.adapters.cache import AdapterCache
 from engine.scheduling.block_manager import BlockManager
+from engine.scheduling.errors import DuplicateRequestError, RequestError
 from engine.scheduling.request import FinishReason, Request, RequestStatus
 from engine.scheduling.sampling_params import SamplingParams
-from engine.scheduling.scheduler import QueueFullError, Scheduler, SchedulerConfig, SchedulerOutput
+from engine.scheduling.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
 # ---------------------------------------------------------------------------- fakes
@@ -52,8 +53,15 @@ def reference_output(adapter_id: str | None, prompt: list[int], params: Sampling
 
 @dataclass
 class FakeHost:
+    adapter_id: str
     nbytes: int
     num_pages: int
+
+
+@dataclass
+class FakeDevice:
+    adapter_id: str
+    released: bool = False
 
 
 class FakeBackend:
@@ -64,17 +72,18 @@ class FakeBackend:
     def load_host(self, adapter_id: str, path: str) -> FakeHost:
         if adapter_id in self.fail_load:
             raise AdapterError(f"adapter {adapter_id!r}: corrupt weights (fake)")
-        return FakeHost(100, self.pages[adapter_id])
+        return FakeHost(adapter_id, 100, self.pages[adapter_id])
 
-    def to_device(self, host: FakeHost, pages: list[int]) -> object:
-        return object()
+    def to_device(self, host: FakeHost, pages: list[int]) -> FakeDevice:
+        return FakeDevice(host.adapter_id)
 
-    def release_device(self, dev: object) -> None:
-        pass
+    def release_device(self, dev: FakeDevice) -> None:
+        dev.released = True
 
 
 class FakeRunner:
-    """Checks every chunk's context KV read from the cache, then writes the chunk's KV."""
+    """Checks every chunk's context KV read from the cache, then writes the chunk's KV. The adapter's weights
+    come from the handle the chunk carries (the pin admission took), as in the real runner."""
 
     def __init__(self, bm: BlockManager) -> None:
         self.bm = bm
@@ -86,8 +95,10 @@ class FakeRunner:
     def run(self, out: SchedulerOutput) -> dict[str, int]:
         sampled, writes = {}, []
         for c in out.chunks:  # reads first: all chunks of a step run at once
-            r = c.request
-            kv = kv_chain(r.adapter_id, r.all_token_ids[:c.end])
+            r, handle = c.request, c.adapter_handle
+            assert (handle is None) == (r.adapter_id is None), f"{r!r}: chunk handle {handle!r}"
+            assert handle is None or not handle.released, f"{r!r}: its pinned adapter was released"
+            kv = kv_chain(handle.adapter_id if handle else None, r.all_token_ids[:c.end])
             for p in range(c.start):
                 assert self.slots.get(self.slot(c.block_table, p)) == kv[p], f"{r!r}: bad KV at {p}"
             writes += [(self.slot(c.block_table, p), kv[p]) for p in range(c.start, c.end)]
@@ -220,6 +231,10 @@ def test_preempts_newest_and_requeues_it_at_the_front(tmp_path: Path) -> None:
     assert new.status is RequestStatus.WAITING and new.num_computed_tokens == 0 and new.num_preemptions == 1
     assert h.sched.waiting[0] is new and len(new.output_token_ids) == 1  # front of the queue, output kept
     assert h.adapters.pinned_count() == 1
+    assert new.adapter_handle is None and out.chunks[0].adapter_handle is old.adapter_handle is not None
+    while new.status is RequestStatus.WAITING:
+        h.step()
+    assert new.adapter_handle is not None and new.adapter_handle.adapter_id == "b"  # re-admission re-pinned
     h.run()
     check_outputs([old, new])
 
@@ -382,26 +397,38 @@ def test_abort_frees_at_once_wherever_the_request_is(tmp_path: Path) -> None:
 
 
 def test_add_refusals(tmp_path: Path) -> None:
-    h = Harness(tmp_path, SchedulerConfig(max_waiting=2, max_model_len=32, max_num_batched_tokens=16,
-                                          chunked_prefill=False), num_blocks=8)
+    h = Harness(tmp_path, SchedulerConfig(max_model_len=32, max_num_batched_tokens=16, chunked_prefill=False),
+                num_blocks=8)
     h.add("x", [1], None)
-    with pytest.raises(ValueError, match="already in use"):
+    with pytest.raises(DuplicateRequestError, match="already in use"):
         h.add("x", [1], None)
     h.add("y", [1], "a")
-    with pytest.raises(QueueFullError) as info:
-        h.add("z", [1], None)
-    assert info.value.max_waiting == 2
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(RequestError, match="max_model_len") as info:
         h.add("long", [1] * 20, None, max_new_tokens=13)
-    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+    assert info.value.field == "prompt"
+    with pytest.raises(RequestError, match="max_num_batched_tokens"):
         h.add("wide", [1] * 17, None, max_new_tokens=1)
-    h.step()  # both admitted: the queue has room again
+    h.step()
     h.add("z", [1], None)
-    with pytest.raises(ValueError, match="adapter cache"):
+    with pytest.raises(RequestError, match="adapter cache") as info:
         Scheduler(SchedulerConfig(), BlockManager(8, 4), None).add(Request("r", [1], adapter_id="a"))
-    with pytest.raises(ValueError, match="num_blocks"):
+    assert info.value.field == "adapter_id"
+    with pytest.raises(RequestError, match="num_blocks"):
         Scheduler(SchedulerConfig(), BlockManager(2, 4), None).add(Request("r", [1] * 8))
-    for bad in ({"max_num_seqs": 0}, {"max_waiting": -1}, {"chunked_prefill": 1}, {"max_head_skips": 1.5}):
+    for bad in ({"max_num_seqs": 0}, {"chunked_prefill": 1}, {"max_head_skips": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SchedulerConfig(**bad)
     h.run()
+
+
+def test_scheduler_config_is_a_view_of_the_engine_config() -> None:
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
+
+    engine_fields = {f.name for f in fields(EngineConfig)}
+    assert {f.name for f in fields(SchedulerConfig)} <= engine_fields  # one owner of every setting
+    cfg = EngineConfig(max_num_seqs=3, max_num_batched_tokens=40, chunked_prefill=False, max_head_skips=7,
+                       max_model_len=512, max_waiting=5)
+    assert cfg.scheduler_config(100) == SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=40,
+                                                        max_model_len=100, chunked_prefill=False, max_head_skips=7)

@@ -32,7 +32,10 @@ def decode_logits(model, pool, pooled, rows: int = 12) -> torch.Tensor:
     seqs = [torch.randint(4, 320, (7 + i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(rows)]
     kv = model.new_kv_cache(num_blocks=rows * 8, block_size=4)
     tables = [list(range(8 * i, 8 * i + 8)) for i in range(rows)]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
-    model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv, make_lora)
-    return model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
-                      kv, make_lora)
+
+    def step(chunks):
+        batch = model.flat_batch(chunks, kv.block_size)
+        return model.step(batch, kv, LoraBatch.for_step(batch, pooled, pool))
+
+    step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)])
+    return step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)])

@@ -45,13 +45,13 @@ def test_score_with_adapter_matches_peft(bases, tmp_path, family, case):
     assert (ref - base_ref).abs().max().item() > 1e-2  # the adapter really changes the logits
 
 
-def test_registered_adapter_id(bases, tmp_path):
+def test_score_takes_an_adapter_or_its_directory(bases, tmp_path):
     make_peft_adapter(bases["llama"], str(tmp_path / "a"), r=4, lora_alpha=8, target_modules=ATTN)
     model = aspen.load_model(bases["llama"], progress=False)
-    model.load_adapter("mine", str(tmp_path / "a"))
+    adapter = model.read_adapter(str(tmp_path / "a"))
     ids = _ids(12, 3)
-    assert torch.equal(model.score(ids, adapter="mine"), model.score(ids, adapter=str(tmp_path / "a")))
-    with pytest.raises(KeyError, match="nope"):
+    assert torch.equal(model.score(ids, adapter=adapter), model.score(ids, adapter=str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="nope"):
         model.score(ids, adapter="nope")
 
 
@@ -84,11 +84,13 @@ def test_mixed_flat_batch_of_eight_adapters_and_base_rows(bases, tmp_path, monke
     assert len([k for k in slots if k >= 0]) - 1 >= GATHER_MIN_SEGMENTS  # the decode step takes the gather path
     kv = model.new_kv_cache(num_blocks=128, block_size=4)
     tables = [list(range(i, 128, len(slots))) for i in range(len(slots))]
-    make_lora = lambda b: LoraBatch.for_step(b, pooled, pool)
-    prefill = model.step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)], kv,
-                         make_lora)
-    decode = model.step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)],
-                        kv, make_lora)
+
+    def step(chunks):
+        batch = model.flat_batch(chunks, kv.block_size)
+        return model.step(batch, kv, LoraBatch.for_step(batch, pooled, pool))
+
+    prefill = step([SeqChunk(s[:-1], 0, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)])
+    decode = step([SeqChunk(s[-1:], len(s) - 1, t, adapter_slot=k) for s, t, k in zip(seqs, tables, slots)])
     for i in range(len(slots)):
         assert (prefill[i] - alone[i][-2]).abs().max().item() < 1e-4, f"prefill row {i}"
         assert (decode[i] - alone[i][-1]).abs().max().item() < 1e-4, f"decode row {i}"

@@ -131,19 +131,15 @@ def _prefill(model, adapters, seqs: list[list[int]], slots: list[int]):
     kv = model.new_kv_cache(num_blocks=256, block_size=4)
     tables = _block_tables([len(s) for s in seqs], 4)
     chunks = [SeqChunk(s, 0, t, adapter_slot=k, logits="all") for s, t, k in zip(seqs, tables, slots)]
-    seen = {}
-
-    def make_lora(b):
-        seen["lora"] = lb = LoraBatch.for_step(b, pooled, pool)
-        return lb
-
-    logits = model.step(chunks, kv, make_lora)
+    batch = model.flat_batch(chunks, kv.block_size)
+    lora = LoraBatch.for_step(batch, pooled, pool)
+    logits = model.step(batch, kv, lora)
     at = 0
     for s, k in zip(seqs, slots):
         alone = model.score(s, adapter=adapters[k] if k >= 0 else None, block_size=4)
         assert (logits[at:at + len(s)] - alone).abs().max().item() < 1e-4
         at += len(s)
-    return seen["lora"]
+    return lora
 
 
 def _tokens(*lengths: int) -> list[list[int]]:

@@ -63,14 +63,14 @@ def test_mixed_flat_batch_equals_single_sequences(checkpoints):
     kv = model.new_kv_cache(num_blocks=64, block_size=4)
     tables = [list(range(i, 64, 4)) for i in range(4)]  # interleaved, non-contiguous blocks
     # warm the caches: sequences 0 and 1 up to their last token, sequence 3 up to token 25
-    model.step([SeqChunk(seqs[0][:-1], 0, tables[0]), SeqChunk(seqs[1][:-1], 0, tables[1]),
-                SeqChunk(seqs[3][:25], 0, tables[3])], kv)
-    logits = model.step([
+    model.step(model.flat_batch([SeqChunk(seqs[0][:-1], 0, tables[0]), SeqChunk(seqs[1][:-1], 0, tables[1]),
+                                 SeqChunk(seqs[3][:25], 0, tables[3])], kv.block_size), kv)
+    logits = model.step(model.flat_batch([
         SeqChunk(seqs[0][-1:], 29, tables[0]),  # decode
         SeqChunk(seqs[2], 0, tables[2]),  # fresh prefill
         SeqChunk(seqs[1][-1:], 8, tables[1]),  # decode
         SeqChunk(seqs[3][25:], 25, tables[3]),  # prefill chunk after a cached prefix
-    ], kv)
+    ], kv.block_size), kv)
     for row, want in zip(logits, (ref[0], ref[2], ref[1], ref[3])):
         assert (row - want).abs().max().item() < 1e-4
 

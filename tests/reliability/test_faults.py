@@ -172,7 +172,7 @@ def test_adapter_directory_deleted_or_changed_while_cached(fault_server):
         assert c.generate(PROMPT, "doomed", max_new_tokens=8, **GREEDY).token_ids == ref["a1"]
         shutil.rmtree(doomed)
         assert c.generate(PROMPT, "doomed", max_new_tokens=8, **GREEDY).token_ids == ref["a1"]
-        llm.adapters.evict_unpinned()  # as memory pressure would
+        llm.adapter_cache.evict_unpinned()  # as memory pressure would
         with pytest.raises(grpc.RpcError) as info:
             c.generate(PROMPT, "doomed", max_new_tokens=8)
         assert info.value.code() is grpc.StatusCode.NOT_FOUND and "doomed" in info.value.details()
@@ -199,7 +199,7 @@ def test_adapter_directory_deleted_or_changed_while_cached(fault_server):
         assert c.generate(PROMPT, "rotting", max_new_tokens=8, **GREEDY).token_ids == ref["a1"]
         # the device copy alone evicted (device pressure): the host copy goes back to the device, from private
         # memory (a mapping of the file, now 64 bytes long, would kill the server with SIGBUS here)
-        cache = llm.adapters
+        cache = llm.adapter_cache
         with cache._lock:
             cache._drop_device(cache._entries["rotting"], evicted=True)
         assert cache.tier("rotting") == "host"

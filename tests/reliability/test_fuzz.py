@@ -134,8 +134,8 @@ def check_generate(client: AspenClient, req: pb.GenerateRequest, stream: bool, s
 def after_fuzz(server: ServerThread, stats: Counter, name: str, started: float) -> None:
     """The server still serves the reference outputs and holds nothing."""
     llm = server.server.llm
-    for info in llm.adapters.info():  # forget aliases the fuzzer may have re-pointed (e.g. LoadAdapter("a1", "a3"))
-        llm.adapters.unregister(info.adapter_id)
+    for info in llm.adapter_cache.info():  # forget aliases the fuzzer may have re-pointed (e.g. LoadAdapter("a1", "a3"))
+        llm.adapter_cache.unregister(info.adapter_id)
     with AspenClient(server.address, timeout=CALL_TIMEOUT_S) as c:
         for adapter, ids in server.reference.items():
             assert c.generate("The quick brown fox", adapter, max_new_tokens=8, **GREEDY).token_ids == ids

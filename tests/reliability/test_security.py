@@ -103,7 +103,7 @@ def test_adapter_loading_is_confined_to_the_root(jail):
             target = shutil.copytree(os.path.join(ads, "a1"), os.path.join(ads, name))
             c.load_adapter(name)
             assert c.generate(PROMPT, name, max_new_tokens=8, **GREEDY).token_ids == jail.reference["a1"]
-            llm.adapters.evict_unpinned()  # the next request reads the directory again
+            llm.adapter_cache.evict_unpinned()  # the next request reads the directory again
             if damage == "dir":
                 shutil.rmtree(target)
                 os.symlink(os.path.join(outside, "evil"), target)
