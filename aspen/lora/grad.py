@@ -36,16 +36,17 @@ from dataclasses import dataclass
 import torch
 
 from aspen.kernels.cpu_kernels import dropout_apply
+from aspen.lora.group import GroupPart
 
 
 @dataclass(frozen=True)
 class SpanWork:
-    """One segment's share of a group: rows ``[start, stop)``, dropout ``p``, the packed parts
-    ``(row0, row1, out0, out1)`` of its stacked A (one Bt tensor each, in order)."""
+    """One segment's share of a group: rows ``[start, stop)``, dropout ``p``, the packed parts of its stacked A
+    (one Bt tensor each, in order)."""
     start: int
     stop: int
     dropout: float
-    parts: tuple[tuple[int, int, int, int], ...]
+    parts: tuple[GroupPart, ...]
 
 
 def add_group_delta(x: torch.Tensor, y: torch.Tensor, spans: list[SpanWork],
@@ -68,18 +69,18 @@ class _GroupDelta(torch.autograd.Function):
             if s.dropout > 0:
                 c = 1.0 / (1.0 - s.dropout)
                 xas, keeps = [], []
-                for (r0, r1, o0, o1), bt in zip(s.parts, bts):
+                for p, bt in zip(s.parts, bts):
                     xd, keep = _drop(xs, s.dropout)
-                    xa = (xd @ a[r0:r1].t()).mul_(c)  # the 1/(1-p) on the narrow side
-                    out[:, o0:o1].addmm_(xa, bt)
+                    xa = (xd @ a[p.rows].t()).mul_(c)  # the 1/(1-p) on the narrow side
+                    out[:, p.cols].addmm_(xa, bt)
                     xas.append(xa)
                     keeps.append(keep)
                 saved_xa.append(xas)
                 saved_keep.append(keeps)
             else:
                 xa = xs @ a.t()  # one shrink for every packed projection
-                for (r0, r1, o0, o1), bt in zip(s.parts, bts):
-                    out[:, o0:o1].addmm_(xa[:, r0:r1], bt)
+                for p, bt in zip(s.parts, bts):
+                    out[:, p.cols].addmm_(xa[:, p.rows], bt)
                 saved_xa.append(xa)
                 saved_keep.append(None)
         ctx.mark_dirty(y)
@@ -107,9 +108,9 @@ class _GroupDelta(torch.autograd.Function):
             gbts = []
             if keep is None:
                 gxa = torch.empty(xs.shape[0], a.shape[0], dtype=g.dtype, device=g.device)
-                for (r0, r1, o0, o1), bt in zip(s.parts, bts):
-                    torch.mm(g[:, o0:o1], bt.t(), out=gxa[:, r0:r1])
-                    gbts.append(xa[:, r0:r1].t() @ g[:, o0:o1])
+                for p, bt in zip(s.parts, bts):
+                    torch.mm(g[:, p.cols], bt.t(), out=gxa[:, p.rows])
+                    gbts.append(xa[:, p.rows].t() @ g[:, p.cols])
                 torch.mm(gxa.t(), xs, out=ga)
                 if need_x:
                     if tiled:
@@ -118,12 +119,12 @@ class _GroupDelta(torch.autograd.Function):
                         gxs.addmm_(gxa, a)
             else:
                 c = 1.0 / (1.0 - s.dropout)
-                for k, ((r0, r1, o0, o1), bt, xa_m, keep_m) in enumerate(zip(s.parts, bts, xa, keep)):
-                    gxa = (g[:, o0:o1] @ bt.t()).mul_(c)
-                    gbts.append(xa_m.t() @ g[:, o0:o1])
-                    torch.mm(gxa.t(), _redrop(xs, s.dropout, keep_m), out=ga[r0:r1])
+                for k, (p, bt, xa_m, keep_m) in enumerate(zip(s.parts, bts, xa, keep)):
+                    gxa = (g[:, p.cols] @ bt.t()).mul_(c)
+                    gbts.append(xa_m.t() @ g[:, p.cols])
+                    torch.mm(gxa.t(), _redrop(xs, s.dropout, keep_m), out=ga[p.rows])
                     if need_x:
-                        _drop_into(gxs, gxa @ a[r0:r1], s.dropout, keep_m, add=k > 0 or not tiled)
+                        _drop_into(gxs, gxa @ a[p.rows], s.dropout, keep_m, add=k > 0 or not tiled)
             grads.append(ga)
             grads.extend(gbts)
         ctx.saved_xa = ctx.saved_keep = None

@@ -40,6 +40,7 @@ from aspen.kernels.cpu_kernels import bgmv_add, kernel
 from aspen.kernels.sgmv import kernel as sgmv_kernel
 from aspen.kernels.sgmv import sgmv_add
 from aspen.lora.grad import SpanWork, add_group_delta
+from aspen.lora.group import GroupPart, GroupWeights
 from aspen.lora.pool import LoraPool, PooledAdapter
 from aspen.model.batch import FlatBatch
 
@@ -57,8 +58,8 @@ FALLBACK_ROWS = 64
 
 
 class WeightSource(Protocol):
-    def group_weights(self, layer: int, group: str):
-        """(A [R, in], [(row0, row1, out0, out1, Bt [row1-row0, out])...]) or None if the group is untargeted."""
+    def group_weights(self, layer: int, group: str) -> GroupWeights | None:
+        """The adapter's weights for ``group`` of ``layer``, or None if it does not target the group."""
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,16 @@ class PoolWeights:
     pool: LoraPool
     adapter: PooledAdapter
 
-    def group_weights(self, layer: int, group: str):
+    def group_weights(self, layer: int, group: str) -> GroupWeights | None:
         g = self.adapter.groups.get(group)
         if g is None:
             return None
         span = g.row_span
         # [R, width]: a view of the pool when the adapter's pages are contiguous (the usual case), else a copy
         rows = self.pool.data[layer, span[0]:span[1]] if span else self.pool.data[layer].index_select(0, g.rows)
-        a = rows[:, :g.in_features]
-        parts = [(p.row_start, p.row_end, p.out_start, p.out_end,
-                  rows[p.row_start:p.row_end, g.in_features:g.in_features + p.out_end - p.out_start])
-                 for p in g.parts]
-        return a, parts
+        i = g.in_features
+        return GroupWeights(rows[:, :i], g.parts,
+                            tuple(rows[p.rows, i:i + p.out_end - p.out_start] for p in g.parts))
 
 
 @dataclass(frozen=True)
@@ -154,10 +153,8 @@ class LoraBatch:
             if w is None:
                 continue
             if isinstance(seg.tokens, slice):
-                a, parts = w
-                spans.append(SpanWork(seg.tokens.start, seg.tokens.stop, seg.dropout,
-                                      tuple((r0, r1, o0, o1) for r0, r1, o0, o1, _ in parts)))
-                weights += [a.to(x.dtype)] + [bt.to(x.dtype) for *_, bt in parts]
+                spans.append(SpanWork(seg.tokens.start, seg.tokens.stop, seg.dropout, w.parts))
+                weights += [w.a.to(x.dtype)] + [bt.to(x.dtype) for bt in w.bts]
             else:
                 delta = _segment_delta(x.index_select(0, seg.tokens), w, seg.dropout, y.shape[1], y.dtype)
                 y = y.index_add(0, seg.tokens, delta)
@@ -177,41 +174,41 @@ def _token_index(spans: list[tuple[int, int]], device: torch.device) -> slice | 
     return torch.cat([torch.arange(a, b, device=device) for a, b in spans])
 
 
-def _shrink(xs: torch.Tensor, weights, dropout: float) -> torch.Tensor:
+def _shrink(xs: torch.Tensor, w: GroupWeights, dropout: float) -> torch.Tensor:
     """xa [n, R] = (dropout of) the segment's input rows times the stacked A rows of every packed projection."""
-    a, parts = weights
     if dropout > 0:
         # like PEFT, every projection draws its own dropout mask on its input; autograd keeps each mask for
         # the backward pass, so forward and backward see the same dropped units
-        return torch.cat([F.dropout(xs, p=dropout, training=True) @ a[r0:r1].t().to(xs.dtype)
-                          for r0, r1, *_ in parts], dim=1)
-    return xs @ a.t().to(xs.dtype)  # one shrink for every packed projection
+        return torch.cat([F.dropout(xs, p=dropout, training=True) @ w.a[p.rows].t().to(xs.dtype)
+                          for p in w.parts], dim=1)
+    return xs @ w.a.t().to(xs.dtype)  # one shrink for every packed projection
 
 
-def _segment_delta(xs: torch.Tensor, weights, dropout: float, width: int, dtype: torch.dtype) -> torch.Tensor:
+def _segment_delta(xs: torch.Tensor, w: GroupWeights, dropout: float, width: int,
+                   dtype: torch.dtype) -> torch.Tensor:
     """The delta [n, width] of the segment's input rows ``xs`` for the whole group output (zeros where no
     projection is targeted)."""
-    xa = _shrink(xs, weights, dropout)
+    xa = _shrink(xs, w, dropout)
     cols, at = [], 0
-    for r0, r1, o0, o1, bt in weights[1]:
-        if o0 > at:
-            cols.append(xa.new_zeros(xa.shape[0], o0 - at))
-        cols.append(xa[:, r0:r1] @ bt.to(xa.dtype))
-        at = o1
+    for p, bt in zip(w.parts, w.bts):
+        if p.out_start > at:
+            cols.append(xa.new_zeros(xa.shape[0], p.out_start - at))
+        cols.append(xa[:, p.rows] @ bt.to(xa.dtype))
+        at = p.out_end
     if at < width:
         cols.append(xa.new_zeros(xa.shape[0], width - at))
     return torch.cat(cols, dim=1).to(dtype)
 
 
-def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tensor, weights,
+def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tensor, w: GroupWeights,
                    dropout: float) -> torch.Tensor:
     """Inference: add the segment's delta to ``y`` in place."""
     if isinstance(tokens, slice):
-        xa = _shrink(x[tokens], weights, dropout)
-        for r0, r1, o0, o1, bt in weights[1]:
-            y[tokens, o0:o1].addmm_(xa[:, r0:r1], bt.to(xa.dtype))
+        xa = _shrink(x[tokens], w, dropout)
+        for p, bt in zip(w.parts, w.bts):
+            y[tokens, p.cols].addmm_(xa[:, p.rows], bt.to(xa.dtype))
         return y
-    delta = _segment_delta(x.index_select(0, tokens), weights, dropout, y.shape[1], y.dtype)
+    delta = _segment_delta(x.index_select(0, tokens), w, dropout, y.shape[1], y.dtype)
     return _add_rows(y, tokens, delta)
 
 
@@ -231,21 +228,22 @@ def _add_rows(y: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> tor
 class _GatherGroup:
     rows: torch.Tensor  # [N, R] pool rows per token (0 = zero page pads shorter adapters)
     in_features: int
-    parts: tuple[tuple[int, int, int, int], ...]  # (row0, row1, out0, out1) in the padded row layout
-    parts_tensor: torch.Tensor  # the same, [K, 4] long on the CPU, for the kernel
+    parts: tuple[GroupPart, ...]  # in the padded row layout
+    parts_tensor: torch.Tensor  # their bounds, [K, 4] long on the CPU, for the kernel
 
 
 @functools.lru_cache(maxsize=256)
-def _triton_plan(parts: tuple[tuple[int, int, int, int], ...], width: int, in_features: int, device: str):
+def _triton_plan(parts: tuple[GroupPart, ...], width: int, in_features: int, device: str):
     """The Triton kernel's block plan for a group layout; a layout recurs step after step, so its small device
     tensors are made once."""
-    blocks = triton_kernels.output_blocks(parts, width)
+    bounds = [p.bounds for p in parts]
+    blocks = triton_kernels.output_blocks(tuple(bounds), width)
     if blocks is None:
         return None
     block_o, owner = blocks
-    block_r = max(16, 1 << (max(r1 - r0 for r0, r1, _, _ in parts) - 1).bit_length())
+    block_r = max(16, 1 << (max(p.row_end - p.row_start for p in parts) - 1).bit_length())
     return (block_o, torch.tensor(owner, dtype=torch.int32, device=device),
-            torch.tensor(parts, dtype=torch.int32, device=device), block_r, in_features)
+            torch.tensor(bounds, dtype=torch.int32, device=device), block_r, in_features)
 
 
 @dataclass(frozen=True)
@@ -283,9 +281,9 @@ class _GatherPlan:
                     widths[key] = max(widths.get(key, 0), p.row_end - p.row_start)
             layout, r0 = [], 0
             for (o0, o1), width in sorted(widths.items()):
-                layout.append((r0, r0 + width, o0, o1))
+                layout.append(GroupPart(r0, r0 + width, o0, o1))
                 r0 += width
-            first_row = {lay[2]: lay[0] for lay in layout}
+            first_row = {part.out_start: part.row_start for part in layout}
             per_adapter = np.zeros((len(distinct), r0), dtype=np.int64)  # 0 = the zero page
             for i, m in enumerate(members):
                 for p in m.parts if m is not None else ():
@@ -293,7 +291,7 @@ class _GatherPlan:
                     per_adapter[i, dst:dst + p.row_end - p.row_start] = m.row_list[p.row_start:p.row_end]
             table = np.repeat(per_adapter[which], lengths, axis=0)
             groups[g] = _GatherGroup(torch.from_numpy(table).to(device), ref.in_features, tuple(layout),
-                                     torch.tensor(layout, dtype=torch.long))
+                                     torch.tensor([part.bounds for part in layout], dtype=torch.long))
         tokens = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b, _ in spans])
         return cls(torch.from_numpy(tokens).to(device), segments, groups)
 
@@ -322,7 +320,7 @@ def _gathered_delta(data: torch.Tensor, g: _GatherGroup, tokens: torch.Tensor, r
     a = data[rows, :g.in_features].to(xs.dtype)  # [N, R, in]: gathers only the A columns
     xa = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # [N, R]
     delta = torch.zeros(xs.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-    for r0, r1, o0, o1 in g.parts:
-        bt = data[rows[:, r0:r1], g.in_features:g.in_features + o1 - o0].to(xs.dtype)  # [N, r, out]
-        delta[:, o0:o1] = torch.bmm(xa[:, None, r0:r1], bt).squeeze(1).to(y.dtype)
+    for p in g.parts:
+        bt = data[rows[:, p.rows], g.in_features:g.in_features + p.out_end - p.out_start].to(xs.dtype)  # [N, r, out]
+        delta[:, p.cols] = torch.bmm(xa[:, None, p.rows], bt).squeeze(1).to(y.dtype)
     return _add_rows(y, tokens, delta)

@@ -27,18 +27,9 @@ from functools import cached_property
 import torch
 
 from aspen.kernels.adapter_kernels import write_rows_kernel
+from aspen.lora.group import GroupPart
 from aspen.model.config import LORA_TARGETS, ModelConfig
 from aspen.model.decoder import GROUPS
-
-
-@dataclass(frozen=True)
-class GroupPart:
-    """One projection inside a packed group: its rows in the gathered A and its slice of the group output."""
-
-    row_start: int
-    row_end: int
-    out_start: int
-    out_end: int
 
 
 @dataclass(frozen=True)
@@ -59,11 +50,10 @@ class PooledGroup:
 
 @dataclass(frozen=True)
 class PooledAdapter:
-    """An adapter resident in the pool: per projection group, the pages to read (None = group not targeted)."""
+    """An adapter resident in the pool: the pages it holds and, per projection group it targets, the rows to read."""
 
     pages: tuple[int, ...]
     groups: dict[str, PooledGroup]
-    max_rank: int
 
 
 def module_ranks(adapter) -> dict[str, int]:
@@ -134,7 +124,7 @@ class LoraPool:
                 out0 += out_f
             groups[g] = PooledGroup(torch.tensor(g_rows, dtype=torch.long, device=self.data.device), tuple(g_rows),
                                     self.config.module_shape(members[0])[0], tuple(parts))
-        return PooledAdapter(tuple(pages), groups, max(ranks.values()))
+        return PooledAdapter(tuple(pages), groups)
 
     def _kernel_entries(self, adapter, module_rows: dict[str, list[int]]) -> tuple[list, list, list, list, list]:
         """``write_lora_rows``'s arguments: per targeted projection and layer, its rows, A, B and scale (a layer
@@ -191,8 +181,3 @@ class LoraPool:
                     block[:r, :in_f] = w.A
                     block[:r, in_f:] = w.B.t() * w.scale
                 self.data[layer, index, :in_f + out_f] = block.to(self.data.device)
-
-    def clear(self, pooled: PooledAdapter) -> None:
-        """Zero an adapter's pages (not needed for correctness: pages are overwritten on reuse)."""
-        idx = torch.tensor([p + 1 for p in pooled.pages], dtype=torch.long, device=self.data.device)
-        self.data[:, idx] = 0

@@ -9,9 +9,10 @@ torch); :meth:`FlatBatch.build` turns the list into the tensors every layer read
     positions[t]          absolute position of token t in its sequence
     slot_mapping[t]       KV-pool slot where token t's key/value is written:
                           block_table[pos // block_size] * block_size + pos % block_size
-    adapter_index[t]      per-token adapter slot for the LoRA op; -1 = base model only
     logits_indices[n]     flat indices of the tokens whose logits the caller wants
     context_lens[s]       tokens of sequence s in the KV cache after this step (start_pos + new tokens)
+    adapter_slots[s]      LoRA adapter slot of sequence s (-1 = base model only): the LoRA batch groups the
+                          tokens of each slot into segments from these and ``query_start``
 
 Attention needs, for each query, the slots of every key it may see. Decode rows (one new token) are batched:
 ``decode_kv_slots`` [D, Lmax] lists each decode sequence's key slots padded to the longest, ``decode_mask``
@@ -76,7 +77,6 @@ class FlatBatch:
     input_ids: torch.Tensor  # [T] long
     positions: torch.Tensor  # [T] long
     slot_mapping: torch.Tensor  # [T] long
-    adapter_index: torch.Tensor  # [T] long, -1 = base only
     logits_indices: torch.Tensor  # [N] long
     query_start: tuple[int, ...]  # S+1 flat offsets
     context_lens: tuple[int, ...]  # S
@@ -86,7 +86,7 @@ class FlatBatch:
     decode_mask: torch.Tensor  # [D, Lmax] bool
     decode_starts: torch.Tensor  # [D] long: first visible key (> 0 only under a sliding window)
     decode_lens: torch.Tensor  # [D] long: keys of each decode row (its context length)
-    adapter_slots: tuple[int, ...] = field(default=())  # per sequence, for the LoRA op's grouping
+    adapter_slots: tuple[int, ...] = field(default=())  # per sequence, -1 = base only (see the module docstring)
     # steps of fresh prefills only (every chunk starts its sequence; training, first prompt chunks): the
     # (gather [B, Lmax], valid [T]) indices that run them as one right-padded causal batch; None otherwise
     padded_prefill: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -109,7 +109,6 @@ class FlatBatch:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        adapters: list[int] = []
         logits_idx: list[int] = []
         qstart = [0]
         ctx: list[int] = []
@@ -128,7 +127,6 @@ class FlatBatch:
             ids.extend(c.token_ids)
             pos.extend(range(c.start_pos, end))
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(c.start_pos, end))
-            adapters.extend([c.adapter_slot] * len(c.token_ids))
             if c.logits == LOGITS_LAST:
                 logits_idx.append(len(ids) - 1)
             elif c.logits == LOGITS_ALL:
@@ -161,7 +159,7 @@ class FlatBatch:
         mask, lens, starts = (torch.from_numpy(a).to(device) for a in (mask_np, lens_np, starts_np))
         return cls(
             input_ids=tensor(ids), positions=tensor(pos), slot_mapping=tensor(slots),
-            adapter_index=tensor(adapters), logits_indices=tensor(logits_idx),
+            logits_indices=tensor(logits_idx),
             query_start=tuple(qstart), context_lens=tuple(ctx), prefills=prefills,
             decode_token_index=tensor(dec_tok), decode_kv_slots=dec_slots, decode_mask=mask,
             decode_starts=starts, decode_lens=lens,

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from aspen.lora.group import GroupPart, GroupWeights
 from aspen.lora.peft.reader import LoraAdapter, LoraWeights
 from aspen.lora.peft.writer import save_peft_adapter
 from aspen.model.config import LORA_TARGETS, ModelConfig
@@ -63,15 +64,15 @@ class TrainableLora(nn.Module):
     def B(self, layer: int, proj: str) -> nn.Parameter:
         return self.params[_key(layer, proj, "B")]
 
-    def group_weights(self, layer: int, group: str):
-        """(A [R, in], [(row0, row1, out0, out1, Bt [r, out])...]) or None: the LoRA op's WeightSource."""
+    def group_weights(self, layer: int, group: str) -> GroupWeights | None:
+        """The LoRA op's WeightSource: this adapter's weights for ``group`` of ``layer`` (None: untargeted)."""
         layout = self._layout.get(group)
         if layout is None:
             return None
         a = [self.A(layer, m) for m, _, _ in layout]
-        parts = [(i * self.r, (i + 1) * self.r, o0, o1, (self.B(layer, m) * self.scale).t())
-                 for i, (m, o0, o1) in enumerate(layout)]
-        return (a[0] if len(a) == 1 else torch.cat(a, dim=0)), parts
+        parts = tuple(GroupPart(i * self.r, (i + 1) * self.r, o0, o1) for i, (_, o0, o1) in enumerate(layout))
+        bts = tuple((self.B(layer, m) * self.scale).t() for m, _, _ in layout)
+        return GroupWeights(a[0] if len(a) == 1 else torch.cat(a, dim=0), parts, bts)
 
     def to_lora_adapter(self, base_model_name_or_path: str | None = None) -> LoraAdapter:
         """A detached float32 copy in the serving/IO representation."""

@@ -227,6 +227,7 @@ def test_scattered_segment_with_dropout_matches_a_replayed_reference():
     """Differentiable segments of scattered tokens (the trainer builds contiguous ones) take the gather / scatter
     path with torch's dropout: its output and gradients equal a reference that replays the same bernoulli draws
     (one mask per packed projection, in order) with plain autograd."""
+    from aspen.lora.group import GroupPart, GroupWeights
     from aspen.lora.op import LoraBatch, Segment
 
     g = torch.Generator().manual_seed(0)
@@ -237,7 +238,7 @@ def test_scattered_segment_with_dropout_matches_a_replayed_reference():
 
     class Weights:
         def group_weights(self, layer, group):
-            return a, [(*spec, bt) for spec, bt in zip(parts_spec, bts)]
+            return GroupWeights(a, tuple(GroupPart(*spec) for spec in parts_spec), tuple(bts))
 
     tokens = torch.tensor([1, 4, 5, 8])
     x0, y0, gy = (torch.randn(n_tok, k, generator=g) for k in (d_in, width, width))
