@@ -41,8 +41,8 @@ log = logging.getLogger("aspen.engine")
 #: Longest request id accepted (ids are echoed in outputs, logs and metrics).
 MAX_REQUEST_ID_CHARS = 256
 #: A text prompt longer than max_model_len * (longest token in characters) * this can never fit the context; it
-#: is refused before tokenizing (tokenizing 16 MB of text takes most of a minute). The slack covers normalizers
-#: that merge characters (NFC).
+#: is refused before tokenizing (tokenizing megabytes of text holds a worker for tens of seconds). The slack
+#: covers normalizers that merge characters (NFC).
 PROMPT_CHARS_SLACK = 4
 
 

@@ -46,12 +46,12 @@ from aspen.model.batch import FlatBatch
 
 # decode rows (single tokens) with adapters take the batched path once a step has this many of them
 GATHER_MIN_SEGMENTS = 8
-# with the CPU kernel, an adapter's prefill tokens of a step take the batched path up to this many (a prefill
-# step of the 125M model, LoRA cost over the base step, session 7: 32 adapters x 2 prompts of 32-64 tokens,
-# +253 ms batched vs +404 ms in segments; 8 x 128 tokens, +82 vs +81 ms; 4 x 512 tokens, +169 vs +49 ms)
+# with the CPU kernel, an adapter's prefill tokens of a step take the batched path up to this many: below it the
+# per-adapter matmuls of a segment are mostly call overhead, above it they are efficient and the row-at-a-time
+# kernel is the slower path (benchmarks/lora_overhead.py --phase prefill shows the crossover)
 SHORT_PREFILL_TOKENS = 128
-# ... and with the SGMV kernel (AVX-512), which takes an adapter's tokens 4 at a time (same step and model: 8 x 256
-# tokens, +98 ms SGMV vs +231 ms in segments; 4 x 512 tokens, +96 vs +106 ms)
+# ... and with the SGMV kernel (AVX-512), which takes an adapter's tokens 4 at a time, so it stays ahead of the
+# segment matmuls for longer prompts
 SGMV_PREFILL_TOKENS = 512
 # the torch fallback of the batched path gathers [rows, R, in] page rows: this many rows at a time
 FALLBACK_ROWS = 64
@@ -212,8 +212,8 @@ def _apply_segment(x: torch.Tensor, y: torch.Tensor, tokens: slice | torch.Tenso
     return _add_rows(y, tokens, delta)
 
 
-# On the CPU (torch 2.13) an accumulating index_put_ of [n, 2304] rows took 3-9 us up to 8 rows and then
-# ~6 us per row (0.41 ms at 64), while index_add_ took 10-18 us up to 8 rows and 28 us at 64.
+# On the CPU an accumulating index_put_ has the lower fixed cost and index_add_ the lower cost per row: up to
+# this many rows index_put_ is the faster of the two.
 SMALL_SCATTER_ROWS = 8
 
 

@@ -8,12 +8,11 @@ Why not ``safetensors.torch.load_file``: it maps the file, and its tensors stay 
 held in the cache's host tier would then read the file again whenever it is moved to the device; if the file is
 rewritten in place meanwhile, the server would use weights it never validated, and if it is truncated, the first
 read past the new end kills the process with SIGBUS. ``safetensors.torch.load(bytes)`` copies, but tensor by
-tensor: 12-14 ms for a 168-tensor, 11.2 MB adapter in the page cache, against ~3-4 ms here (most of it the copy
-out of the page cache, which a large file does on two cores: :func:`_read_all`). The copy costs more the first
-time a process touches that much memory: page faults of fresh memory add ~3-4 ms per adapter on this project's
-VMs; freed buffers are reused by the allocator, so an adapter cache whose host tier is full, and evicts, does not
-pay it again. Every number in the header is checked before it is used; a file that fails a check raises
-:class:`TensorFileError` naming the file and the problem.
+tensor, several times slower than the one copy here (most of which is the copy out of the page cache, which a
+large file does on two cores: :func:`_read_all`). The copy costs more the first time a process touches that
+much memory (page faults of fresh memory); freed buffers are reused by the allocator, so an adapter cache whose
+host tier is full, and evicts, does not pay it again. Every number in the header is checked before it is used;
+a file that fails a check raises :class:`TensorFileError` naming the file and the problem.
 """
 from __future__ import annotations
 
@@ -109,8 +108,8 @@ def _read_range(fd: int, view: memoryview, begin: int, end: int, path: str) -> N
 
 
 def _read_all(path: str) -> torch.Tensor:
-    """The whole file, read from its start: reading the header first and the rest after it let the kernel's
-    read-ahead ramp up from its small-read window, and a cold 11.2 MB adapter took ~30 ms instead of ~20.
+    """The whole file, read from its start: reading the header first and the rest after it would make the
+    kernel's read-ahead ramp up from its small-read window, slowing a cold read by about half.
 
     A large file is read as two halves at once, the second on a helper thread (``preadv`` releases the GIL): the
     copy out of the page cache, and the page faults of a fresh buffer, then run on two cores."""
