@@ -1,63 +1,158 @@
-"""Engine configuration: one frozen dataclass, validated on construction."""
+"""Engine configuration: one frozen dataclass whose fields carry their own contract.
+
+Each field's metadata holds a :class:`Setting`: help text, command-line flag, unit on the command line, lower
+bound, allowed values. :func:`check_settings` validates any dataclass made of such fields by that one contract,
+and :mod:`engine.server.flags` turns the same metadata into ``aspen serve`` flags, so a field, its check and its
+flag cannot drift apart.
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass
 
+from engine.scheduling.types import SchedulerConfig
+
 MiB = 1 << 20
+#: Units a flag may take instead of the field's own (``unit="MiB"``: the flag is in MiB, the field in bytes).
+UNITS = {"MiB": MiB}
 ADAPTER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
+class Setting:
+    """The contract of one configuration field, kept in the field's ``metadata["setting"]``.
+
+    ``flag``: the command-line flag; None derives it from the field name (``max_num_seqs`` -> ``--max-num-seqs``;
+    a bool that defaults to True gets ``--no-...``). ``unit``: a key of :data:`UNITS` the flag is given in.
+    ``minimum``: the lowest value a number may take. ``choices``: the values a string may take. ``group``: the
+    ``--help`` section (None: the section of the enclosing field). ``cli``: False for fields set by code only.
+    """
+
+    help: str
+    flag: str | None = None
+    unit: str | None = None
+    minimum: int | float | None = None
+    choices: tuple[str, ...] = ()
+    group: str | None = None
+    cli: bool = True
+
+
+def setting(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, repr: bool = True,
+            **contract) -> typing.Any:
+    """A dataclass field with its default and its :class:`Setting` (``contract``: the Setting's other fields)."""
+    return dataclasses.field(default=default, default_factory=default_factory, repr=repr,
+                             metadata={"setting": Setting(help=help, **contract)})
+
+
+def setting_of(f: dataclasses.Field) -> Setting:
+    """The :class:`Setting` of a field (an empty one for a field declared without :func:`setting`)."""
+    return f.metadata.get("setting") or Setting(help="")
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """Per field of the dataclass ``cls``: (its type without None, whether None is allowed)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"{cls.__name__}.{name}: a setting has one type (optionally | None), got {hint}")
+        out[name] = (kinds[0], len(kinds) < len(args))
+    return out
+
+
+def check_settings(obj) -> None:
+    """Validate every field of the dataclass ``obj`` against its type and :class:`Setting`.
+
+    Raises TypeError for a value of the wrong type and ValueError for one out of range or not among the
+    choices; the message names the field, what was expected and the value given."""
+    kinds = field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        kind, optional = kinds[f.name]
+        value, s = getattr(obj, f.name), setting_of(f)
+        if value is None and optional:
+            continue
+        name = f"{type(obj).__name__}.{f.name}"
+        expected = _expected(kind, s)
+        if optional:
+            expected = f"None or {expected}"
+        if not _has_type(value, kind):
+            raise TypeError(f"{name} must be {expected}, got {value!r}")
+        if s.minimum is not None and value < s.minimum or s.choices and value not in s.choices:
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _has_type(value, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _expected(kind: type, s: Setting) -> str:
+    if s.choices:
+        return f"one of {', '.join(s.choices)}"
+    noun = {bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(kind, f"a {kind.__name__}")
+    return noun if s.minimum is None else f"{noun} >= {s.minimum}"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int = 256 * MiB  # KV pool size, used when num_kv_blocks is None
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64  # sequences per step
-    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    chunked_prefill: bool = True
-    lora_pool_bytes: int = 256 * MiB  # device pool for resident adapters, used when lora_pool_pages is None
-    lora_pool_pages: int | None = None
-    host_adapter_bytes: int = 2048 * MiB  # host-memory tier of the adapter cache (resident: private copies)
-    max_waiting: int = 0  # waiting-queue cap (0 = unbounded); beyond it add_request raises QueueFullError
-    max_head_skips: int = 32  # fairness: how often later requests may pass a waiting head request
-    allow_pickle_adapters: bool = False  # legacy adapter_model.bin (read with weights_only=True)
-    # storage dtype of the device adapter pool: "auto" = the model's; float16/bfloat16 halve what a decode step
-    # with many distinct adapters reads (the LoRA math stays in the model's dtype; the weights are rounded)
-    adapter_dtype: str = "auto"
-    seed: int | None = None  # seed of the sampler's shared generator (unseeded requests)
-    # float32 on the CPU: hold the weights in a packed GEMM layout (aspen.model.packed_linear: our AVX-512 panels where
-    # built, else MKL's), ~25% faster projections at decode batch sizes, same memory; no effect on other devices
+    """What one :class:`~engine.llm_engine.LLMEngine` is configured with; each field's contract is its
+    :class:`Setting`, checked on construction."""
+
+    block_size: int = setting(16, help="tokens per KV block", minimum=1)
+    kv_cache_bytes: int = setting(256 * MiB, help="KV cache size (used unless num_kv_blocks is set)",
+                                  flag="--kv-cache-mb", unit="MiB", minimum=1)
+    num_kv_blocks: int | None = setting(None, help="KV cache size in blocks (overrides --kv-cache-mb)", minimum=1)
+    max_num_seqs: int = setting(64, help="sequences per step", minimum=1)
+    max_num_batched_tokens: int = setting(2048, help="tokens per step (prefill chunks + decodes)", minimum=1)
+    max_model_len: int | None = setting(None, help="context length cap (default: the model's "
+                                                   "max_position_embeddings)", minimum=1)
+    enable_prefix_caching: bool = setting(True, help="prefix caching (requests share the KV blocks of a common "
+                                                     "prompt prefix)", flag="--no-prefix-caching")
+    chunked_prefill: bool = setting(True, help="chunked prefill (a long prompt is prefilled over several steps, "
+                                               "batched with decodes)")
+    lora_pool_bytes: int = setting(256 * MiB, help="device pool for resident adapters (used unless "
+                                                   "lora_pool_pages is set)", flag="--lora-pool-mb", unit="MiB",
+                                   minimum=1)
+    lora_pool_pages: int | None = setting(None, help="device adapter pool in pages (overrides --lora-pool-mb)",
+                                          minimum=1)
+    host_adapter_bytes: int = setting(2048 * MiB, help="host-memory tier of the adapter cache (resident memory: "
+                                                       "adapters are read into private buffers, not mapped)",
+                                      flag="--host-adapter-mb", unit="MiB", minimum=1)
+    max_waiting: int = setting(0, help="waiting-queue cap; beyond it a request is refused (QueueFullError; the "
+                                       "server answers RESOURCE_EXHAUSTED); 0 = unbounded", flag="--max-queue",
+                               minimum=0)
+    max_head_skips: int = setting(32, help="fairness: how often later requests may pass a waiting head request "
+                                             "(0: strict first come, first served)", minimum=0)
+    allow_pickle_adapters: bool = setting(False, help="reading legacy pickled adapter_model.bin files (with "
+                                                      "torch.load(weights_only=True)); otherwise only safetensors "
+                                                      "adapters are read")
+    # float16/bfloat16 halve what a decode step with many distinct adapters reads; the LoRA math stays in the
+    # model's dtype, only the stored weights are rounded
+    adapter_dtype: str = setting("auto", help="storage dtype of the device adapter pool (auto: the model's; 16 "
+                                              "bits halve the memory traffic of many-adapter decode steps, "
+                                              "rounding the adapter weights)", choices=ADAPTER_DTYPES)
+    seed: int | None = setting(None, help="seed of the sampler's shared generator (for unseeded requests)")
+    # float32 on the CPU: the weights are held in a packed GEMM layout (aspen.model.packed_linear: AVX-512 panels
+    # where built, else MKL's): faster projections at decode batch sizes, same memory; no effect on other devices
     # or dtypes (quantized models: the float32 LM head only)
-    packed_gemm: bool = True
+    packed_gemm: bool = setting(True, help="packed GEMM layout of float32 CPU weights (AVX-512 panels or MKL's "
+                                           "packed GEMM: faster decode steps, same memory)")
 
     def __post_init__(self) -> None:
-        positive = ["block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens", "lora_pool_bytes",
-                    "host_adapter_bytes", "max_head_skips"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"EngineConfig.{name} must be a positive int, got {value!r}")
-        for name in ("num_kv_blocks", "max_model_len", "lora_pool_pages"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"EngineConfig.{name} must be None or a positive int, got {value!r}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"EngineConfig.adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, "
-                             f"got {self.adapter_dtype!r}")
-        if not isinstance(self.packed_gemm, bool):
-            raise TypeError(f"EngineConfig.packed_gemm must be a bool, got {self.packed_gemm!r}")
-        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
-            raise ValueError(f"EngineConfig.max_waiting must be an int >= 0, got {self.max_waiting!r}")
+        check_settings(self)
 
-    def scheduler_config(self, max_model_len: int):
-        """The scheduler's view of this config (an ``engine.scheduling.types.SchedulerConfig``): every field the
-        two share, by name, plus ``max_model_len``, the context the engine settled on (this config's cap or the
-        model's)."""
-        from dataclasses import fields
-
-        from engine.scheduling.types import SchedulerConfig
-
-        shared = {f.name: getattr(self, f.name) for f in fields(SchedulerConfig) if f.name != "max_model_len"}
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's view of this config: every field the two share, by name, plus ``max_model_len``, the
+        context the engine settled on (this config's cap or the model's)."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(SchedulerConfig)
+                  if f.name != "max_model_len"}
         return SchedulerConfig(**shared, max_model_len=max_model_len)
