@@ -40,11 +40,10 @@ class Setting:
     cli: bool = True
 
 
-def setting(default=dataclasses.MISSING, *, help: str, default_factory=dataclasses.MISSING, repr: bool = True,
-            **contract) -> typing.Any:
-    """A dataclass field with its default and its :class:`Setting` (``contract``: the Setting's other fields)."""
-    return dataclasses.field(default=default, default_factory=default_factory, repr=repr,
-                             metadata={"setting": Setting(help=help, **contract)})
+def setting(default, *, help: str, repr: bool = True, **contract) -> typing.Any:
+    """A dataclass field with an immutable default and its :class:`Setting` (``contract``: the Setting's other
+    fields)."""
+    return dataclasses.field(default=default, repr=repr, metadata={"setting": Setting(help=help, **contract)})
 
 
 def setting_of(f: dataclasses.Field) -> Setting:

@@ -7,8 +7,9 @@ UNAVAILABLE, in-flight calls may finish within the grace period, then the rest a
 call aborts its engine request) and the engine thread stops. The model never runs on the event loop thread.
 
 Also served: ``grpc.health.v1.Health`` and server reflection (both exempt from token auth, for probes), and
-Prometheus metrics (see :mod:`engine.server.metrics`). The servicers' methods: :mod:`engine.server.servicers`; proto <-> engine
-conversions: :mod:`engine.server.proto_convert`; error mapping: :mod:`engine.server.status`.
+Prometheus metrics (see :mod:`engine.server.metrics`). Configuration: :mod:`engine.server.options`; the
+servicers' methods: :mod:`engine.server.servicers`; proto <-> engine conversions:
+:mod:`engine.server.proto_convert`; error mapping: :mod:`engine.server.status`.
 """
 from __future__ import annotations
 
@@ -16,40 +17,42 @@ import asyncio
 import contextlib
 import logging
 import threading
-import uuid
 from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aspen.demo import ensure_demo_base
+from aspen.demo.adapters import ensure_demo_adapters
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
-from engine.adapters.paths import validate_adapter_id
 from engine.async_engine import AsyncLLMEngine
 from engine.llm_engine import LLMEngine
-from engine.scheduling.sampling_params import SamplingParamsError
 from engine.server import status as errs
-from engine.server.command import ServerOptions, build_engine
 from engine.server.metrics import ServerMetrics
-from engine.server.proto_convert import adapter_info_proto, params_from_proto  # noqa: F401 -- adapter_info_proto: re-export
+from engine.server.options import ServerOptions
+from engine.server.proto_convert import params_from_proto
 from engine.server.servicers import AdapterServicer, GenerationServicer
 
 log = logging.getLogger("aspen.server")
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
-MAX_REQUEST_ID_CHARS = 256
 
 
-class _Call:
-    """What the error mapping of one call needs to know about it."""
-
-    adapter_field = "adapter_id"
-    adapter_id = ""
-    prompt_field = "prompt"
+def build_engine(options: ServerOptions) -> LLMEngine:
+    """The LLMEngine that ``options`` describe (loads the model: slow)."""
+    if options.model == "demo" and options.train_demo_adapters and options.adapter_dir:
+        # first run only (cached): about a minute or two on a 2-core CPU, while health says NOT_SERVING
+        ensure_demo_adapters(ensure_demo_base(), options.adapter_dir)
+    return LLMEngine(model=options.model, adapter_dir=options.adapter_dir, quantize=options.quantize,
+                     dtype=options.dtype, device=options.device, config=options.engine, progress=False)
 
 
 class AspenServer:
-    """One gRPC server over one engine. See the module docstring for the lifecycle."""
+    """One gRPC server over one engine. See the module docstring for the lifecycle.
+
+    ``engine`` is the :class:`LLMEngine` (None until loaded), ``async_engine`` the :class:`AsyncLLMEngine` that
+    drives it from its own thread."""
 
     def __init__(self, options: ServerOptions, engine_factory: Callable[[], LLMEngine] | None = None) -> None:
         self.options = options
@@ -57,13 +60,12 @@ class AspenServer:
         self.state = "starting"  # -> serving (-> failed) -> draining -> stopped
         self.health = health.aio.HealthServicer()
         self.metrics = ServerMetrics(options.model_name)
-        self.llm: LLMEngine | None = None
-        self.engine: AsyncLLMEngine | None = None
+        self.engine: LLMEngine | None = None
+        self.async_engine: AsyncLLMEngine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._loader: threading.Thread | None = None
-        self._active_ids: set[str] = set()
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -98,7 +100,7 @@ class AspenServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{o.host}:{o.port}"
         try:
-            if o.tls_cert or o.tls_key:
+            if o.tls_cert:
                 self.port = server.add_secure_port(address, self._credentials())
             else:
                 self.port = server.add_insecure_port(address)
@@ -111,8 +113,6 @@ class AspenServer:
 
     def _credentials(self) -> grpc.ServerCredentials:
         o = self.options
-        if not (o.tls_cert and o.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
 
         def read(path: str) -> bytes:
             with open(path, "rb") as f:
@@ -133,17 +133,17 @@ class AspenServer:
 
         def work() -> None:
             try:
-                llm = self._factory()
+                engine = self._factory()
             except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
                 loop.call_soon_threadsafe(settle, done.set_exception, e)
             else:
-                loop.call_soon_threadsafe(settle, done.set_result, llm)
+                loop.call_soon_threadsafe(settle, done.set_result, engine)
 
         self._loader = threading.Thread(target=work, name="aspen-load", daemon=True)
         self._loader.start()
-        self.llm = await done
-        self.engine = AsyncLLMEngine(self.llm).start()
-        self.metrics.bind_engine(self.llm)
+        self.engine = await done
+        self.async_engine = AsyncLLMEngine(self.engine).start()
+        self.metrics.bind_engine(self.engine)
         if self.state == "starting":
             self.state = "serving"
             for name in ("",) + SERVICE_NAMES:
@@ -152,7 +152,7 @@ class AspenServer:
     @property
     def adapter_root(self) -> str | None:
         """The engine's (real) adapter root, redacted from client-facing error messages."""
-        return self.llm.adapter_dir if self.llm is not None else None
+        return self.engine.adapter_dir if self.engine is not None else None
 
     @property
     def loading(self) -> bool:
@@ -175,8 +175,8 @@ class AspenServer:
             log.warning("grace period over: cancelling %d in-flight call(s)", self._inflight)
         if self._server is not None:
             await self._server.stop(0)
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+        if self.async_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.async_engine.shutdown)
         self.metrics.stop_http()
         self.state = "stopped"
         self._stopped.set()
@@ -198,7 +198,7 @@ class AspenServer:
     @contextlib.asynccontextmanager
     async def call(self, context):
         """Admit a call (UNAVAILABLE unless serving), count it in flight, map its exceptions to statuses."""
-        if self.state == "serving" and not self.engine.is_running:  # the engine loop died: stop advertising
+        if self.state == "serving" and not self.async_engine.is_running:  # the engine loop died: stop advertising
             self.state = "failed"
             log.error("the engine loop is not running; reporting NOT_SERVING")
             for name in ("",) + SERVICE_NAMES:
@@ -210,73 +210,49 @@ class AspenServer:
             await context.abort_with_status(errs.unavailable(why))
         self._inflight += 1
         self._idle.clear()
-        call = _Call()
+        call = errs.CallFields()
         try:
             yield call
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:  # noqa: BLE001 -- every exception becomes a status; unexpected ones INTERNAL
-            await context.abort_with_status(errs.status_for_exception(
-                e, adapter_field=call.adapter_field, adapter_id=call.adapter_id, root=self.adapter_root))
+            await context.abort_with_status(errs.status_for_exception(e, call, root=self.adapter_root))
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def outputs(self, request: pb.GenerateRequest, call: _Call):
-        """Validate a GenerateRequest and stream its engine outputs (aborted in the engine if left early)."""
-        prompt = self._prompt(request, call)
-        try:
-            params = params_from_proto(request.params)
-        except SamplingParamsError as e:
-            raise errs.InvalidArgument(errs.sampling_field(e), e.reason) from None
-        adapter = request.adapter_id or None
-        if adapter is not None:
-            call.adapter_id = adapter
-            validate_adapter_id(adapter)
-        rid = request.request_id or uuid.uuid4().hex
-        if len(rid) > MAX_REQUEST_ID_CHARS:
-            raise errs.InvalidArgument("request_id", f"at most {MAX_REQUEST_ID_CHARS} characters, got {len(rid)}")
-        if rid in self._active_ids:
-            raise errs.DuplicateRequestError(rid)
-        self._active_ids.add(rid)
+    async def run_blocking(self, fn, *args):
+        """Run a blocking engine call (adapter load/unload, tokenizing) on a worker thread, off the event loop."""
+        return await self.async_engine.run_blocking(fn, *args)
+
+    async def outputs(self, request: pb.GenerateRequest, call: errs.CallFields):
+        """Stream the engine outputs of a GenerateRequest (aborted in the engine if left early).
+
+        The engine validates the request; ``call`` records the prompt field the request used, so that
+        :meth:`call` maps the engine's errors to that field's path."""
+        prompt = _prompt(request, call)
+        params = params_from_proto(request.params)
+        call.adapter_id = request.adapter_id
         tracker = self.metrics.tracker()
         try:
-            async with contextlib.aclosing(self.engine.generate(prompt, params, adapter, rid)) as stream:
+            stream = self.async_engine.generate(prompt, params, request.adapter_id or None,
+                                                request.request_id or None)
+            async with contextlib.aclosing(stream):
                 async for out in stream:
                     tracker.observe(out)
                     yield out
-        except SamplingParamsError as e:  # context checks name the prompt field actually used
-            field_path = errs.sampling_field(e)
-            raise errs.InvalidArgument(call.prompt_field if field_path == "prompt" else field_path,
-                                       e.reason) from None
         finally:
-            self._active_ids.discard(rid)
             tracker.close()
 
-    def _prompt(self, request: pb.GenerateRequest, call: _Call):
-        kind = request.WhichOneof("prompt")
-        if kind is None:
-            raise errs.InvalidArgument("prompt", "set either text or token_ids")
-        if kind == "text":
-            call.prompt_field = "text"
-            if not request.text:
-                raise errs.InvalidArgument("text", "the prompt is empty")
-            self._check_text_length(request.text, "text")
-            return request.text
-        call.prompt_field = "token_ids.ids"
-        ids = list(request.token_ids.ids)
-        if not ids:
-            raise errs.InvalidArgument("token_ids.ids", "the prompt is empty")
-        vocab = self.llm.model.config.vocab_size
-        bad = [t for t in ids if t >= vocab]
-        if bad:
-            raise errs.InvalidArgument("token_ids.ids", f"token ids must be in [0, {vocab}), got {bad[:5]}")
-        return ids
 
-    def _check_text_length(self, text: str, field_name: str) -> None:
-        """Refuse, without tokenizing it, a text too long to ever fit the context (see LLMEngine.max_prompt_chars)."""
-        limit = self.llm.max_prompt_chars
-        if len(text) > limit:
-            raise errs.InvalidArgument(field_name, f"{len(text)} characters can never fit the context of "
-                                                   f"{self.llm.max_model_len} tokens (at most {limit} characters)")
+def _prompt(request: pb.GenerateRequest, call: errs.CallFields) -> str | list[int]:
+    """The prompt of the wire message: which member of the ``prompt`` oneof is set is the server's to check."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise errs.InvalidArgument("prompt", "set either text or token_ids")
+    if kind == "text":
+        call.prompt_field = "text"
+        return request.text
+    call.prompt_field = "token_ids.ids"
+    return list(request.token_ids.ids)

@@ -38,15 +38,12 @@ time by a custom collector, so they are never stale. Each :class:`ServerMetrics`
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-
-if TYPE_CHECKING:
-    from engine.llm_engine import LLMEngine
 
 PREFIX = "aspen:"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

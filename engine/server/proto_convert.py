@@ -7,14 +7,12 @@ adapter listings out. Pure field mapping: no validation beyond what :class:`Samp
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+from aspen.lora.peft.config import read_adapter_config
 from clients.aspen.v1 import aspen_pb2 as pb
 from engine.adapters.paths import check_confined
+from engine.llm_engine import LLMEngine
 from engine.scheduling.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from engine.llm_engine import LLMEngine
 
 _OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                     "presence_penalty", "frequency_penalty", "seed", "min_new_tokens", "logprobs",
@@ -56,16 +54,14 @@ def quantization_proto(name) -> int:
     return _QUANT.get(name, pb.QUANTIZATION_UNSPECIFIED)
 
 
-def adapter_info_proto(llm: LLMEngine, info, registered: bool) -> pb.AdapterInfo:
+def adapter_info_proto(engine: LLMEngine, info, registered: bool) -> pb.AdapterInfo:
     """Proto AdapterInfo, with rank / target modules / alpha read from adapter_config.json (best effort)."""
-    from aspen.lora.peft.config import read_adapter_config
-
     msg = pb.AdapterInfo(adapter_id=info.adapter_id, tier=_TIER.get(info.tier, pb.ADAPTER_TIER_UNSPECIFIED),
                          registered=registered,
                          active_requests=info.pins, host_bytes=info.nbytes or 0, device_pages=info.num_pages or 0,
-                         generation=info.generation, path=os.path.relpath(info.path, llm.adapter_dir))
+                         generation=info.generation, path=os.path.relpath(info.path, engine.adapter_dir))
     try:
-        check_confined(llm.adapter_dir, info.path)  # never read a config through a symlink out of the root
+        check_confined(engine.adapter_dir, info.path)  # never read a config through a symlink out of the root
         raw = read_adapter_config(info.path)
     except Exception:  # noqa: BLE001 -- a broken config only leaves these fields empty in a listing
         return msg

@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 from aspen.errors import AdapterError, AdapterNotFoundError, AdapterPathError
 from engine.adapters.cache import AdapterBusyError
 from engine.async_engine import EngineDeadError
+from engine.scheduling.errors import DuplicateRequestError, RequestError
 from engine.scheduling.sampling_params import SamplingParamsError
 from engine.scheduling.scheduler import QueueFullError
 
@@ -36,21 +38,30 @@ GENERIC_INTERNAL = "internal server error; the server log has the details"
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # no auth: probes and tooling
 
 
-class DuplicateRequestError(ValueError):
-    """A request_id that is already in flight."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        super().__init__(f"request_id {request_id!r} is already in use by an in-flight request")
-
-
 class InvalidArgument(ValueError):
-    """A request field is invalid; ``field`` is its path in the request message (e.g. ``params.top_p``)."""
+    """A field of the wire message is invalid (the server's own checks: parsing the message, not the request's
+    rules, which are the engine's); ``field`` is its path in the request message (e.g. ``prompt``)."""
 
     def __init__(self, field: str, reason: str) -> None:
         self.field = field
         self.reason = reason
         super().__init__(f"invalid {field}: {reason}")
+
+
+@dataclass
+class CallFields:
+    """What the error mapping of one call needs to know about its request: the field an
+    :class:`AdapterPathError` blames (``adapter_id`` or ``path``), the adapter concerned, and the prompt field
+    the request used (``text`` or ``token_ids.ids``; ``prompt`` while unknown)."""
+
+    adapter_field: str = "adapter_id"
+    adapter_id: str = ""
+    prompt_field: str = "prompt"
+
+    def path_of(self, engine_field: str) -> str:
+        """The request message's path of an engine request field: the prompt is the member of the ``prompt``
+        oneof that the request set; the other fields have the same name in the message."""
+        return self.prompt_field if engine_field == "prompt" else engine_field
 
 
 def _pack(message) -> any_pb2.Any:
@@ -126,35 +137,34 @@ def redact_paths(text: str, root: str | None) -> str:
     return text.replace(root.rstrip(os.sep) + os.sep, "").replace(root, "<adapter root>")
 
 
-def status_for_exception(exc: BaseException, *, adapter_field: str = "adapter_id",
-                         adapter_id: str = "", root: str | None = None) -> grpc.Status:
-    """The status a client gets for ``exc``. ``adapter_field`` names the request field an
-    :class:`AdapterPathError` blames (``adapter_id`` or ``path``); ``adapter_id`` is the adapter concerned;
-    ``root`` (the adapter root) is redacted from messages (:func:`redact_paths`)."""
+def status_for_exception(exc: BaseException, call: CallFields | None = None,
+                         root: str | None = None) -> grpc.Status:
+    """The status a client gets for ``exc`` raised while serving ``call`` (field paths and the adapter concerned:
+    :class:`CallFields`); ``root`` (the adapter root) is redacted from messages (:func:`redact_paths`)."""
+    call = call or CallFields()
     text = redact_paths(str(exc), root)
     if isinstance(exc, InvalidArgument):
         return invalid_argument(text, [(exc.field, exc.reason)])
     if isinstance(exc, SamplingParamsError):
-        return invalid_argument(text, [(sampling_field(exc), exc.reason)])
+        return invalid_argument(text, [(call.path_of(sampling_field(exc)), exc.reason)])
+    if isinstance(exc, DuplicateRequestError):
+        return already_exists("request", exc.request_id, text)
+    if isinstance(exc, RequestError):
+        path, reason = call.path_of(exc.field), redact_paths(exc.reason, root)
+        return invalid_argument(f"invalid {path}: {reason}", [(path, reason)])
     if isinstance(exc, AdapterPathError):
-        return invalid_argument(text, [(adapter_field, text)])
+        return invalid_argument(text, [(call.adapter_field, text)])
     if isinstance(exc, AdapterNotFoundError):
-        return not_found("adapter", adapter_id, text)
+        return not_found("adapter", call.adapter_id, text)
     if isinstance(exc, AdapterBusyError):
-        return failed_precondition("ADAPTER_BUSY", f"adapter/{adapter_id}", text)
+        return failed_precondition("ADAPTER_BUSY", f"adapter/{call.adapter_id}", text)
     if isinstance(exc, AdapterError):
-        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}", text)
+        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{call.adapter_id}", text)
     if isinstance(exc, QueueFullError):
         return resource_exhausted(text)
     if isinstance(exc, EngineDeadError):
         log.error("request refused: %s", exc)
         return unavailable("the engine is not running; retry on another replica")
-    if isinstance(exc, DuplicateRequestError):
-        return already_exists("request", exc.request_id, text)
-    if isinstance(exc, ValueError) and "already in use" in text:  # the engine's own duplicate check
-        return already_exists("request", "", text)
-    if isinstance(exc, ValueError):  # the remaining validation errors of add_request are about the prompt
-        return invalid_argument(text, [("prompt", text)])
     log.error("unexpected error while serving a call", exc_info=exc)
     return internal()
 

@@ -18,7 +18,9 @@ import time
 
 from clients.client import AspenClient
 from engine import LLMEngine
-from engine.server.app import AspenServer, ServerOptions
+from engine.config import EngineConfig
+from engine.server.app import AspenServer
+from engine.server.options import ServerOptions
 from tests.helpers.adapters import make_peft_adapter
 from tests.helpers.metrics import gauge, scrape
 from tests.helpers.tiny_models import make_checkpoint
@@ -69,7 +71,7 @@ class ServerThread:
     def __init__(self, assets, start=True, factory=None, **options):
         engine_opts = {**ENGINE, **options.pop("engine", {})}
         self.options = ServerOptions(model=assets["base"], adapter_dir=assets["adapters"], port=0,
-                                     engine_options=engine_opts, **options)
+                                     engine=EngineConfig(**engine_opts), **options)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -98,7 +100,7 @@ class ServerThread:
         """Poll the engine until no request holds KV blocks or adapter pins."""
         deadline = time.monotonic() + timeout
         while True:
-            state = self.server.llm.check_invariants()
+            state = self.server.engine.check_invariants()
             if (state["kv_blocks_used"], state["adapter_pins"], state["tracked"]) == (0, 0, 0) \
                     or time.monotonic() > deadline:
                 return state
@@ -109,11 +111,11 @@ def wait_engine_idle(server: ServerThread, timeout: float = 30.0) -> dict:
     """Poll an in-process server until the engine holds no KV block, adapter pin or request."""
     deadline = time.monotonic() + timeout
     while True:
-        state = server.server.llm.check_invariants()
-        busy = (state["kv_blocks_used"], state["adapter_pins"], state["tracked"], server.server.engine.num_in_flight,
+        state = server.server.engine.check_invariants()
+        busy = (state["kv_blocks_used"], state["adapter_pins"], state["tracked"], server.server.async_engine.num_in_flight,
                 server.server._inflight)
         if busy == (0, 0, 0, 0, 0) or time.monotonic() > deadline:
-            return {**state, "in_flight": server.server.engine.num_in_flight, "calls": server.server._inflight}
+            return {**state, "in_flight": server.server.async_engine.num_in_flight, "calls": server.server._inflight}
         time.sleep(0.05)
 
 

@@ -165,7 +165,7 @@ def test_broken_adapters_get_clear_statuses_while_others_keep_serving(fault_serv
 
 def test_adapter_directory_deleted_or_changed_while_cached(fault_server):
     ads, ref = fault_server.ads, fault_server.reference
-    llm = fault_server.server.llm
+    llm = fault_server.server.engine
     with Background(fault_server) as bg, AspenClient(fault_server.address, timeout=30) as c:
         # deleted: the cached copy keeps serving until evicted, then NOT_FOUND
         doomed = _copy(ads, "a1", "doomed")
@@ -252,7 +252,7 @@ def test_concurrent_load_unload_of_an_adapter_in_use(fault_server):
                 count(f"request:{adapter_id}:NOT_FOUND")
 
     def engine_churn(rounds=1500):  # no requests on "a3": unloads succeed and race the loads' bookkeeping
-        llm = fault_server.server.llm
+        llm = fault_server.server.engine
         for i in range(rounds):
             try:
                 (llm.load_adapter if i % 2 else llm.unload_adapter)("a3")
@@ -280,7 +280,7 @@ def test_a_blocking_call_raising_stopiteration_fails_instead_of_hanging(fault_se
         return next(iter(()))  # StopIteration cannot be set on an asyncio future: the caller used to hang
 
     with pytest.raises(RuntimeError, match="StopIteration"):
-        fault_server.run(fault_server.server.engine.run_blocking(broken), timeout=10)
+        fault_server.run(fault_server.server.run_blocking(broken), timeout=10)
 
 
 # ---------------------------------------------------------------------------------------------- KV exhaustion
@@ -293,12 +293,12 @@ def test_kv_exhaustion_preempts_and_resumes_with_unchanged_outputs(tmp_path_fact
         params = {"max_new_tokens": 100, **GREEDY}
         with AspenClient(s.address, timeout=120) as c:
             alone = [list(c.generate(p, a, **params).token_ids) for p, a in prompts]  # one at a time: no pressure
-            assert s.server.llm.scheduler.stats().num_preemptions == 0
+            assert s.server.engine.scheduler.stats().num_preemptions == 0
             demand = sum(len(c.tokenize(p)) + params["max_new_tokens"] for p, _ in prompts)
             with ThreadPoolExecutor(len(prompts)) as pool:
                 together = list(pool.map(lambda pa: [t for m in c.stream(pa[0], pa[1], **params)
                                                      for t in m.token_ids], prompts))
-        preemptions = s.server.llm.scheduler.stats().num_preemptions
+        preemptions = s.server.engine.scheduler.stats().num_preemptions
         assert preemptions > 0 and together == alone
         state = wait_engine_idle(s)
         assert (state["kv_blocks_used"], state["adapter_pins"], state["tracked"]) == (0, 0, 0)
@@ -348,7 +348,7 @@ def _stream_until_running(c: AspenClient, prompt: str, rid: str, max_new_tokens:
 def test_exception_in_a_step_fails_only_that_steps_requests(tmp_path_factory):
     assets = shared_assets(tmp_path_factory)
     s = ServerThread(assets, engine={"max_num_seqs": 2, "max_model_len": 256})
-    llm = s.server.llm
+    llm = s.server.engine
     try:
         with AspenClient(s.address, timeout=120) as c:
             ref_c = list(c.generate("waiting request", max_new_tokens=20, **GREEDY).token_ids)
@@ -400,7 +400,7 @@ def test_exception_in_a_step_fails_only_that_steps_requests(tmp_path_factory):
             assert last_x.finish_reason == pb.FINISH_REASON_ERROR and y_ids == ref_b
             # the server goes on
             assert c.generate("after the faults", max_new_tokens=4).usage.completion_tokens == 4
-        assert s.server.state == "serving" and s.server.engine.is_running
+        assert s.server.state == "serving" and s.server.async_engine.is_running
         state = wait_engine_idle(s)
         assert (state["kv_blocks_used"], state["adapter_pins"], state["tracked"]) == (0, 0, 0)
         report("crash-containment", failed_in_faulty_step=2, queued_request_completed=True,

@@ -133,7 +133,7 @@ def check_generate(client: AspenClient, req: pb.GenerateRequest, stream: bool, s
 
 def after_fuzz(server: ServerThread, stats: Counter, name: str, started: float) -> None:
     """The server still serves the reference outputs and holds nothing."""
-    llm = server.server.llm
+    llm = server.server.engine
     for info in llm.adapter_cache.info():  # forget aliases the fuzzer may have re-pointed (e.g. LoadAdapter("a1", "a3"))
         llm.adapter_cache.unregister(info.adapter_id)
     with AspenClient(server.address, timeout=CALL_TIMEOUT_S) as c:

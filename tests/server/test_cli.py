@@ -49,15 +49,14 @@ def _required(name: str) -> list[str]:
 def test_serve_adapter_dtype_flag_reaches_the_engine_config():
     import argparse
 
-    from engine.config import EngineConfig
     from engine.server import command as serve_command
 
     parser = argparse.ArgumentParser()
     serve_command.add_arguments(parser)
     opts = serve_command.options_from_args(parser.parse_args(["--model", "m", "--adapter-dtype", "bfloat16"]))
-    assert EngineConfig(**opts.engine_options).adapter_dtype == "bfloat16"
+    assert opts.engine.adapter_dtype == "bfloat16"
     default = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
-    assert EngineConfig(**default.engine_options).adapter_dtype == "auto"
+    assert default.engine.adapter_dtype == "auto"
 
 
 def test_serve_no_packed_gemm_flag_reaches_the_engine_config():
@@ -71,8 +70,8 @@ def test_serve_no_packed_gemm_flag_reaches_the_engine_config():
     parser = argparse.ArgumentParser()
     serve_command.add_arguments(parser)
     opts = serve_command.options_from_args(parser.parse_args(["--model", "m", "--no-packed-gemm"]))
-    assert EngineConfig(**opts.engine_options).packed_gemm is False
+    assert opts.engine.packed_gemm is False
     default = serve_command.options_from_args(parser.parse_args(["--model", "m"]))
-    assert EngineConfig(**default.engine_options).packed_gemm is True
+    assert default.engine.packed_gemm is True
     with pytest.raises(TypeError, match="packed_gemm must be a bool"):
         EngineConfig(packed_gemm="yes")

@@ -53,7 +53,7 @@ def test_queue_full_and_unavailable_while_starting_or_draining(assets):
             assert next(first).token_ids  # running (the only slot)
             second = c.generation.GenerateStream(build_request("two", **LONG), timeout=30)
             deadline = time.monotonic() + 5
-            while s.server.llm.scheduler.num_waiting < 1 and time.monotonic() < deadline:
+            while s.server.engine.scheduler.num_waiting < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             d = expect_error(lambda: c.generate("three"), grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert d["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
