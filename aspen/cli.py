@@ -1,36 +1,81 @@
-"""The ``aspen`` console script. Each subcommand lives next to what it drives and exposes
-``add_arguments(parser)`` and ``run(args) -> int``; this table only names them (imported lazily, so
-``aspen --help`` stays fast)."""
+"""The ``aspen`` console script: the one module that dispatches across layers.
+
+Each subcommand lives next to what it drives and exposes ``add_arguments(parser)`` and ``run(args) -> int``;
+:data:`COMMANDS` only names them, and they are imported lazily (importlib), so ``aspen --help`` stays fast and
+the model library never imports the apps built on it. Where a command of a lower layer needs a higher one
+(``aspen train --server`` loads each saved adapter into a server through the gRPC client), this module builds
+that step and hands it to the command's ``run`` as a hook (:data:`HOOKS`).
+"""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-# subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("engine.demo_command", "build the embedded demo model (cached) and print generations"),
-    "train": ("aspen.train.command", "fine-tune several LoRA adapters at once on one base"),
-    "serve": ("engine.server.command", "serve the base model and its LoRA adapters over gRPC"),
-    "generate": ("clients.generate_command", "generate text from a running server (streams to the terminal)"),
-    "adapters": ("clients.adapters_command", "list, load or unload adapters on a running server"),
-    "loadtest": ("clients.loadtest.command", "drive a running server with a synthetic multi-adapter workload"),
-    "bench": ("benchmarks.bench_command", "run a benchmark (see BENCHMARKS.md)"),
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module that implements it, or (``module`` None) a group of subcommands."""
+
+    help: str
+    module: str | None = None
+    subcommands: dict[str, Command] = field(default_factory=dict)
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("build the embedded demo model (cached) and print generations", "engine.demo_command"),
+    "train": Command("fine-tune several LoRA adapters at once on one base", "aspen.train.command"),
+    "serve": Command("serve the base model and its LoRA adapters over gRPC", "engine.server.command"),
+    "generate": Command("generate text from a running server (streams to the terminal)",
+                        "clients.generate_command"),
+    "adapters": Command("list, load or unload adapters on a running server", "clients.adapters_command"),
+    "loadtest": Command("drive a running server with a synthetic multi-adapter workload, or make the adapters",
+                        subcommands={
+                            "run": Command("drive a running server", "clients.loadtest.command"),
+                            "make-adapters": Command("write N random PEFT adapters for a base checkpoint",
+                                                     "aspen.lora.peft.make_adapters_command"),
+                        }),
+    "bench": Command("run a benchmark (see BENCHMARKS.md)", "benchmarks.bench_command"),
 }
 
 
+def _train_hooks(args: argparse.Namespace) -> dict[str, Callable]:
+    """``aspen train --server ADDRESS``: after each adapter is saved, load it into that server."""
+    if not args.server:
+        return {}
+    client = importlib.import_module("clients.client")
+    return {"after_save": functools.partial(client.load_adapter_at, args.server)}
+
+
+#: Per command module: builds the keyword arguments (hooks into other layers) its ``run`` takes.
+HOOKS: dict[str, Callable[[argparse.Namespace], dict[str, Callable]]] = {"aspen.train.command": _train_hooks}
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s module is imported (all of them when None)."""
+    """The parser; only ``command``'s modules are imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="aspen", description="ASPEN serve: one base model, many LoRA adapters.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        if command is None or name == command:
-            importlib.import_module(module).add_arguments(p)
+    _add_commands(parser, COMMANDS, "command", "COMMAND", lambda name: command is None or name == command)
     return parser
+
+
+def _add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command], dest: str, metavar: str,
+                  wanted: Callable[[str], bool]) -> None:
+    sub = parser.add_subparsers(dest=dest, metavar=metavar)
+    for name, cmd in commands.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if cmd.module is None:
+            p.set_defaults(_module=None, _group=p)
+            if wanted(name):
+                _add_commands(p, cmd.subcommands, f"{name}_command", "SUBCOMMAND", lambda _: True)
+            continue
+        p.set_defaults(_module=cmd.module)
+        if wanted(name):
+            importlib.import_module(cmd.module).add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args._module is None:  # a group named without one of its subcommands
+        args._group.print_help(sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from aspen.errors import AspenError
 
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        hooks = HOOKS[args._module](args) if args._module in HOOKS else {}
+        return int(importlib.import_module(args._module).run(args, **hooks) or 0)
     except AspenError as e:
         print(f"aspen {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -6,10 +6,12 @@ adapter, to show them side by side.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 
 from aspen.demo import DEMO_PROMPTS, default_home, ensure_demo_base
+from aspen.demo.adapters import ensure_demo_adapters
+from engine.llm_engine import LLMEngine
+from engine.scheduling.sampling_params import SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,15 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import LLMEngine, SamplingParams
-
     base = ensure_demo_base(args.out)
     print(f"demo base model: {base}")
     adapter_dir = args.adapters_out or os.path.join(default_home(), "demo", "adapters")
     adapters: list[str] = []
-    if not args.no_adapters and importlib.util.find_spec("aspen.demo.adapters") is not None:
-        from aspen.demo.adapters import ensure_demo_adapters
-
+    if not args.no_adapters:
         adapters = ensure_demo_adapters(base, adapter_dir)
     llm = LLMEngine(model=base, adapter_dir=adapter_dir if adapters else None, progress=False)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)

@@ -1,13 +1,15 @@
-"""``aspen loadtest``: drive a running server with a synthetic multi-adapter workload, or make the adapters.
+"""``aspen loadtest run``: drive a running server with a synthetic multi-adapter workload.
 
     aspen loadtest make-adapters --model PATH --out DIR --num 1000 --rank 16 --targets all
     aspen serve --model PATH --adapter-dir DIR --port 50051 &
     aspen loadtest run --server 127.0.0.1:50051 --num-adapters 1000 --popularity power --alpha 0.3 \\
         --rates 1,2,4 --num-requests 200 --input-len 8-512 --output-len 8-512 --out-dir loadtest-out
 
-``run`` prints a table (one line per offered rate), and writes ``report.json``, ``latency_cdf.png`` and, for
-several rates, ``sweep.png`` (throughput and p99 TTFT over offered load) into ``--out-dir``. The exit status
-is 0 even when requests failed (they are counted by status code); 1 when the server cannot be reached.
+It prints a table (one line per offered rate), and writes ``report.json``, ``latency_cdf.png`` and, for several
+rates, ``sweep.png`` (throughput and p99 TTFT over offered load) into ``--out-dir``. The exit status is 0 even
+when requests failed (they are counted by status code); 1 when the server cannot be reached. ``make-adapters``
+writes adapters with the model library (:mod:`aspen.lora.peft.make_adapters_command`); the ``aspen`` console
+script routes each subcommand to its module.
 """
 from __future__ import annotations
 
@@ -16,21 +18,32 @@ import math
 import os
 import sys
 
+from clients.cli import TOKEN_ENV
+from clients.loadtest.driver import (
+    DEFAULT_PREFIX,
+    MODES,
+    POPULARITIES,
+    DriverConfig,
+    LengthSpec,
+    WorkloadConfig,
+    model_info,
+    run_sweep,
+)
+from clients.loadtest.report import format_table, write_outputs
+
 
 def _rate(text: str) -> float:
     return math.inf if text.strip().lower() in ("inf", "max") else float(text)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="loadtest_command", metavar="SUBCOMMAND")
-    r = sub.add_parser("run", help="drive a running server", description="drive a running server")
+def add_arguments(r: argparse.ArgumentParser) -> None:
     c = r.add_argument_group("connection")
     c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
     c.add_argument("--token-file", default=None, help="file holding the bearer token (or $ASPEN_AUTH_TOKEN)")
     c.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect with TLS")
     c.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds (default 300)")
     a = r.add_argument_group("arrivals and bounds")
-    a.add_argument("--mode", choices=("open", "closed"), default="open",
+    a.add_argument("--mode", choices=MODES, default="open",
                    help="open loop (arrival process) or closed loop (--concurrency users); default open")
     a.add_argument("--rate", type=_rate, default=math.inf, help="requests/s for open loop ('inf': all at once)")
     a.add_argument("--rates", default=None, help="comma-separated offered rates to sweep, e.g. 1,2,4")
@@ -42,9 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w = r.add_argument_group("workload")
     w.add_argument("--num-adapters", type=int, default=0, help="adapters adapter-0000.. to spread requests over "
                    "(0 = base model only)")
-    w.add_argument("--adapter-prefix", default="adapter-", help="id prefix of --num-adapters (default adapter-)")
+    w.add_argument("--adapter-prefix", default=DEFAULT_PREFIX,
+                   help=f"id prefix of --num-adapters (default {DEFAULT_PREFIX})")
     w.add_argument("--adapter-ids", default=None, help="comma-separated adapter ids (instead of --num-adapters)")
-    w.add_argument("--popularity", choices=("uniform", "power", "zipf"), default="uniform")
+    w.add_argument("--popularity", choices=POPULARITIES, default="uniform")
     w.add_argument("--alpha", type=float, default=1.0,
                    help="power: X ~ power(alpha), 1 = uniform, small = skewed (S-LoRA); zipf: exponent")
     w.add_argument("--input-len", default="32", help="prompt tokens: N or LO-HI (uniform, inclusive)")
@@ -61,34 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out-dir", default="loadtest-out", help="where report.json and the plots go")
     o.add_argument("--no-progress", action="store_true")
 
-    m = sub.add_parser("make-adapters", help="write N random PEFT adapters for a base checkpoint",
-                       description="write N random PEFT adapters for a base checkpoint")
-    m.add_argument("--model", required=True, help="base checkpoint directory (its config.json gives the shapes)")
-    m.add_argument("--out", required=True, help="adapter root to write adapter-0000 ... into")
-    m.add_argument("--num", type=int, default=100)
-    m.add_argument("--rank", default="16", help="rank, or a comma-separated cycle of ranks (default 16)")
-    m.add_argument("--targets", default="all", help="all | attn | mlp | qv | comma-separated projections")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--prefix", default="adapter-")
-    m.add_argument("--overwrite", action="store_true", help="rewrite adapters that already exist")
-    m.add_argument("--workers", type=int, default=None, help="writer threads (default min(4, CPUs))")
-    m.add_argument("--no-progress", action="store_true")
-
 
 def _token(args) -> str | None:
-    from clients.cli import TOKEN_ENV
-
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             return f.read().strip() or None
     return os.environ.get(TOKEN_ENV) or None
 
 
-def run_loadtest(args: argparse.Namespace) -> int:
-    import grpc
-
-    from clients.loadtest.driver import DriverConfig, LengthSpec, WorkloadConfig, model_info, run_sweep
-    from clients.loadtest.report import format_table, write_outputs
+def run(args: argparse.Namespace) -> int:
+    import grpc  # here, not at the top: `aspen loadtest --help` stays fast
 
     rates = [_rate(x) for x in args.rates.split(",")] if args.rates else None
     workload = WorkloadConfig(
@@ -114,26 +110,3 @@ def run_loadtest(args: argparse.Namespace) -> int:
     print(format_table([r["summary"] for r in report["runs"]]))
     print("wrote " + ", ".join(report["files"].values()))
     return 0
-
-
-def run_make_adapters(args: argparse.Namespace) -> int:
-    from aspen.lora.peft.synthetic import make_adapters
-
-    ids = make_adapters(args.model, args.out, args.num, rank=args.rank, targets=args.targets, seed=args.seed,
-                        prefix=args.prefix, overwrite=args.overwrite, progress=not args.no_progress,
-                        workers=args.workers)
-    print(f"{len(ids)} adapters in {os.path.abspath(args.out)} ({ids[0]} .. {ids[-1]})")
-    return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.loadtest_command == "run":
-        return run_loadtest(args)
-    if args.loadtest_command == "make-adapters":
-        try:
-            return run_make_adapters(args)
-        except ValueError as e:
-            print(f"aspen loadtest make-adapters: error: {e}", file=sys.stderr)
-            return 1
-    print("usage: aspen loadtest {run,make-adapters} ... (see aspen loadtest --help)", file=sys.stderr)
-    return 2

@@ -29,13 +29,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aspen.lora.peft.synthetic import DEFAULT_PREFIX, adapter_name
-
 POPULARITIES = ("uniform", "power", "zipf")
+MODES = ("open", "closed")  # open loop: an arrival process; closed loop: ``concurrency`` users
+#: Adapter ids of ``--num-adapters N``: f"{prefix}{i:04d}" for i < N, the ids ``aspen loadtest make-adapters``
+#: writes (both sides keep this naming; tests/clients checks they agree).
+DEFAULT_PREFIX = "adapter-"
 MIN_TOKEN_ID = 4  # keep clear of the usual special ids (unk, bos, eos, pad) in synthetic prompts
 
 
 # ---------------------------------------------------------------------------------------------- workload
+def adapter_name(index: int, prefix: str = DEFAULT_PREFIX) -> str:
+    """The id of adapter ``index`` of a ``num_adapters`` workload."""
+    return f"{prefix}{index:04d}"
+
+
 @dataclass(frozen=True)
 class LengthSpec:
     """A length distribution: ``lo == hi`` is fixed, else uniform integers in [lo, hi] (both included)."""
@@ -241,7 +248,7 @@ class DriverConfig:
     """How to send: where, open or closed loop, stream or unary, and the bounds of the run."""
 
     address: str = "127.0.0.1:50051"
-    mode: str = "open"  # open | closed
+    mode: str = "open"  # one of MODES
     concurrency: int = 8  # closed-loop users
     stream: bool = True
     duration_s: float | None = None  # no request is sent after this many seconds
@@ -307,8 +314,8 @@ async def drive(requests: Sequence[RequestSpec], cfg: DriverConfig, label: str =
 
     from clients.client import AsyncAspenClient
 
-    if cfg.mode not in ("open", "closed"):
-        raise ValueError(f"mode must be 'open' or 'closed', got {cfg.mode!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     run = RunResult(label, offered_rate if cfg.mode == "open" else None)
     stamp = f"{cfg.request_id_prefix}-{time.time_ns():x}"
     bar = tqdm(total=len(requests), desc=label, unit="req", disable=not cfg.progress, leave=False)

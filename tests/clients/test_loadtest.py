@@ -108,6 +108,7 @@ def test_make_adapters_writes_loadable_peft_dirs(tmp_path):
     base = make_checkpoint(str(tmp_path / "base"), "llama")
     ids = make_adapters(base, str(tmp_path / "ads"), 3, rank="4,8", targets="attn", progress=False)
     assert ids == [adapter_name(i) for i in range(3)] == ["adapter-0000", "adapter-0001", "adapter-0002"]
+    assert WorkloadConfig(num_adapters=3).adapter_names() == ids  # the load tester's own naming agrees
     cfg = ModelConfig.from_dir(base)
     loaded = [load_peft_adapter(str(tmp_path / "ads" / i), cfg) for i in ids]
     assert [a.max_rank for a in loaded] == [4, 8, 4]

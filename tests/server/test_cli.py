@@ -75,3 +75,32 @@ def test_serve_no_packed_gemm_flag_reaches_the_engine_config():
     assert default.engine.packed_gemm is True
     with pytest.raises(TypeError, match="packed_gemm must be a bool"):
         EngineConfig(packed_gemm="yes")
+
+
+def test_train_server_flag_gets_the_client_as_an_after_save_hook(monkeypatch):
+    import clients.client
+    from aspen.cli import HOOKS, build_parser
+    from aspen.errors import AspenError
+    from aspen.train import command as train_command
+
+    calls = []
+    monkeypatch.setattr(clients.client, "load_adapter_at", lambda *a: calls.append(a))
+    hooks = HOOKS["aspen.train.command"]
+    with_server = build_parser("train").parse_args(["train", "--config", "x.yaml", "--server", "127.0.0.1:1"])
+    hooks(with_server)["after_save"]("math", "/out/math")
+    assert calls == [("127.0.0.1:1", "math", "/out/math")]
+    assert hooks(build_parser("train").parse_args(["train", "--config", "x.yaml"])) == {}
+    with pytest.raises(AspenError, match="--server"):  # the library alone cannot reach a server
+        train_command.run(with_server)
+
+
+def test_loadtest_subcommands_route_to_the_module_next_to_what_they_drive(capsys):
+    from aspen.cli import build_parser
+
+    parser = build_parser("loadtest")
+    make = parser.parse_args(["loadtest", "make-adapters", "--model", "m", "--out", "o", "--num", "3"])
+    assert make._module == "aspen.lora.peft.make_adapters_command" and make.num == 3
+    run = parser.parse_args(["loadtest", "run", "--server", "127.0.0.1:1", "--popularity", "zipf"])
+    assert run._module == "clients.loadtest.command" and run.popularity == "zipf"
+    assert main(["loadtest"]) == 2  # a group alone: its usage
+    assert "make-adapters" in capsys.readouterr().err

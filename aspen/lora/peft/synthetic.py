@@ -6,8 +6,9 @@ writes ``DIR/adapter-0000`` ... ``DIR/adapter-0999``, each a PEFT directory (``a
 ``adapter_model.safetensors``) made by :func:`aspen.lora.peft.writer.random_adapter` (seed = base seed + index, so adapter
 ``i`` is the same every time) and written by :func:`aspen.lora.peft.writer.save_peft_adapter`. The shapes come from the
 model's ``config.json``; no weights of the base are read. Existing complete adapters are kept (resumable) unless
-``overwrite`` is set. Ids are ``f"{prefix}{i:04d}"`` (:func:`adapter_name`), the names the load tester uses for
-``--num-adapters``.
+``overwrite`` is set. Ids are ``f"{prefix}{i:04d}"`` (:func:`adapter_name`): the ids the load tester
+(``aspen loadtest run --num-adapters``) sends, by the same naming on its side. The command line:
+:mod:`aspen.lora.peft.make_adapters_command`.
 """
 from __future__ import annotations
 
