@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aspen.errors import AspenError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -90,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         args._group.print_help(sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from aspen.errors import AspenError
-
     try:
         hooks = HOOKS[args._module](args) if args._module in HOOKS else {}
         return int(importlib.import_module(args._module).run(args, **hooks) or 0)
