@@ -9,7 +9,6 @@ that step and hands it to the command's ``run`` as a hook (:data:`HOOKS`).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import sys
@@ -46,13 +45,19 @@ COMMANDS: dict[str, Command] = {
 
 
 def _train_hooks(args: argparse.Namespace) -> dict[str, Callable]:
-    """``aspen train --server ADDRESS``: after each adapter is saved, load it into that server."""
+    """``aspen train --server ADDRESS``: after each adapter is saved, load it into that server (LoadAdapter)."""
     if not args.server:
         return {}
     client = importlib.import_module("clients.client")
-    return {"after_save": functools.partial(client.load_adapter_at, args.server)}
+
+    def load_into_server(adapter_id: str, path: str) -> None:
+        with client.AspenClient(args.server, timeout=LOAD_TIMEOUT_S) as server:
+            server.load_adapter(adapter_id, path)
+
+    return {"after_save": load_into_server}
 
 
+LOAD_TIMEOUT_S = 120.0  # a LoadAdapter reads and validates the adapter on the server
 #: Per command module: builds the keyword arguments (hooks into other layers) its ``run`` takes.
 HOOKS: dict[str, Callable[[argparse.Namespace], dict[str, Callable]]] = {"aspen.train.command": _train_hooks}
 

@@ -117,13 +117,6 @@ class AspenClient(_Base):
         self.close()
 
 
-def load_adapter_at(address: str, adapter_id: str, path: str, timeout: float = 120.0) -> pb.AdapterInfo:
-    """Ask the server at ``address`` to load the adapter directory ``path`` as ``adapter_id`` (one LoadAdapter
-    call on a connection of its own; ``aspen train --server`` calls it after each adapter is saved)."""
-    with AspenClient(address, timeout=timeout) as client:
-        return client.load_adapter(adapter_id, path)
-
-
 class AsyncAspenClient(_Base):
     """The same calls for asyncio code (``grpc.aio`` channel)."""
 

@@ -84,7 +84,21 @@ def test_train_server_flag_gets_the_client_as_an_after_save_hook(monkeypatch):
     from aspen.train import command as train_command
 
     calls = []
-    monkeypatch.setattr(clients.client, "load_adapter_at", lambda *a: calls.append(a))
+
+    class Client:
+        def __init__(self, address, timeout=None):
+            self.address = address
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def load_adapter(self, adapter_id, path):
+            calls.append((self.address, adapter_id, path))
+
+    monkeypatch.setattr(clients.client, "AspenClient", Client)
     hooks = HOOKS["aspen.train.command"]
     with_server = build_parser("train").parse_args(["train", "--config", "x.yaml", "--server", "127.0.0.1:1"])
     hooks(with_server)["after_save"]("math", "/out/math")
