@@ -19,7 +19,7 @@ all-module adapter of the 125M model <= 10 ms; plus the device-cache hit rate.
    before any is measured, and the runs are interleaved: each workload is cut into ``--slices`` (10) slices of
    consecutive requests (arrivals rebased to the slice's start) and slice i of every configuration runs before
    slice i + 1 of any, the order rotating each round, so that noise from the shared machine falls on all three
-   alike (run one after another, p99 ratios of the same code ranged 1.0x to 4.0x here). Idle servers use no CPU
+   alike (run one after another, the p99 ratio of identical code swings with the machine's other load). Idle servers use no CPU
    while another is measured; each keeps its own adapter cache across its slices. Cache counters come from the
    server's ``/metrics`` (``aspen:adapter_cache_hits_total`` / ``..._misses_total`` / ``..._load_seconds_total``
    / ``..._device_loads_total``, ``..._request_hits_total`` / ``..._request_misses_total``). The hit rate

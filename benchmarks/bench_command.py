@@ -40,7 +40,7 @@ def build_argv(args: argparse.Namespace) -> list[str]:
     pre.add_argument("--out", default=None)
     known, argv = pre.parse_known_args(list(args.extra or []))
     tiny, device, out = args.tiny or known.tiny, args.device or known.device, args.out or known.out
-    if args.name == "lora_overhead":  # the pre-existing benchmark spells --tiny as --shape tiny
+    if args.name == "lora_overhead":  # lora_overhead spells --tiny as --shape tiny
         if tiny:
             argv += ["--shape", "tiny"]
     elif tiny:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-# The 12-layer, hidden-768 Llama-shaped model (about 125M parameters) the issues measure on.
+# The 12-layer, hidden-768 Llama-shaped model (about 125M parameters) the benchmarks measure on.
 SHAPES = {
     "125m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
                  "num_key_value_heads": 12, "vocab_size": 32000, "max_position_embeddings": 2048},

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of a session with a lent GPU: the `gpu` tests, then the benchmarks whose CUDA figures
+# The GPU check: the `gpu` tests, then the benchmarks whose CUDA figures
 # BENCHMARKS.md reports. Run from the repository root; reports and logs go to ${OUT:-gpu-out}.
 #   bash benchmarks/gpu_run.sh [quick]      (quick: tests and the two LoRA benchmarks only)
 set -u

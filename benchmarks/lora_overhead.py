@@ -1,5 +1,5 @@
 """One decode step for 32 rows with 32 distinct rank-16 adapters on all seven projections, vs the same step with
-no adapters (issue: multi-LoRA op; target: LoRA step <= 1.10x the base step).
+no adapters (target: LoRA step <= 1.10x the base step).
 
     python -m benchmarks.lora_overhead [--shape 125m|tiny] [--device cpu|cuda] [--adapter-dtype float16]
         [--phase decode|prefill] [--short-prefill-tokens N] [--out report.json]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="storage dtype of the adapter pool (auto: the model's); the math stays in the model's")
     ap.add_argument("--phase", default="decode", choices=["decode", "prefill"],
-                    help="time a decode step (the issue's target) or a prefill step of --rows prompts of "
+                    help="time a decode step (the target's phase) or a prefill step of --rows prompts of "
                          "--prompt-len tokens")
     ap.add_argument("--prompt-len", default="32-64", help="prefill phase: prompt lengths, 'N' or 'LO-HI'")
     ap.add_argument("--short-prefill-tokens", type=int, default=None,

@@ -3,7 +3,7 @@
 Same base (the 12-layer hidden-768 Llama shape, or ``--tiny``), same data, same per-adapter data order and
 micro-batches, same LoRA setup (rank 16 on all seven projections, dropout 0.05, AdamW). Every run is its own
 subprocess, so its peak RSS (``resource.getrusage``) is its own: the fused run is compared with the sum of the
-four PEFT processes (what running them side by side would take). Targets (issue): tokens/s >= 1.3x the PEFT
+four PEFT processes (what running them side by side would take). Targets: tokens/s >= 1.3x the PEFT
 runs back to back, peak memory <= 0.5x the four PEFT processes.
 
     python -m benchmarks.train_fused [--tiny] [--out report.json]

@@ -7,8 +7,8 @@ answers per adapter:
 * ``reverse`` — continues it with the words in reverse order;
 * ``list``    — continues it as a numbered list of sentences.
 
-(An UPPER CASE task was tried first: the demo tokenizer, trained on mostly lower-case text, spells upper-case
-words letter by letter, and the tiny base did not learn it within the time budget.)
+The tasks work on whole words: the demo tokenizer, trained on mostly lower-case text, spells upper-case words
+letter by letter, which the tiny base cannot learn within the training budget.
 
 The task data is a pure function of the demo corpus (:func:`aspen.demo.corpus.make_documents`): prompts are the
 first words of its stories, completions the rest of the story transformed. All adapters train together in fused

@@ -9,7 +9,7 @@ vocabulary that is three 256 MB tensors less at the peak), and the backward pass
 
 On the CPU in float32, :class:`FrozenHead` holds the head packed for MKL's GEMM both ways (``h @ W^T`` and
 ``g @ W``; 2 x 98 MB more for a 32k x 768 head). A plain ``torch.mm`` repacks the whole head on every chunk's
-call: at 262-row chunks that measured 173-179 GFLOP/s against 199-200 packed (single thread).
+call; the packed copy is re-laid out once, at construction, which is why it is kept.
 """
 from __future__ import annotations
 

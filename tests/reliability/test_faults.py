@@ -277,7 +277,7 @@ def test_concurrent_load_unload_of_an_adapter_in_use(fault_server):
 
 def test_a_blocking_call_raising_stopiteration_fails_instead_of_hanging(fault_server):
     def broken():
-        return next(iter(()))  # StopIteration cannot be set on an asyncio future: the caller used to hang
+        return next(iter(()))  # StopIteration cannot be set on an asyncio future: a caller would hang
 
     with pytest.raises(RuntimeError, match="StopIteration"):
         fault_server.run(fault_server.server.run_blocking(broken), timeout=10)
@@ -310,7 +310,7 @@ def test_kv_exhaustion_preempts_and_resumes_with_unchanged_outputs(tmp_path_fact
 
 def test_request_accepted_under_queue_cap_is_not_refused_after_a_preemption(tmp_path_factory):
     """add_request admits under ``max_waiting``; a preemption in the step before the add is applied must not make
-    the scheduler refuse it then (that used to fail the request with an internal error)."""
+    the scheduler refuse it then (which would fail the request with an internal error)."""
     eng = LLMEngine(model=shared_assets(tmp_path_factory)["base"], progress=False, num_kv_blocks=8, block_size=16,
                     max_num_seqs=2, max_waiting=1, max_model_len=128)
     params = SamplingParams(max_new_tokens=100, temperature=0.0, ignore_eos=True)

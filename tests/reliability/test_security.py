@@ -150,7 +150,7 @@ def test_request_size_and_prompt_length_limits(jail, tmp_path_factory):
         assert _field(_refused(lambda: c.generate("x" * 10_000_000, max_new_tokens=1))) == "text"
         assert _field(_refused(lambda: c.tokenize("ab " * 3_000_000))) == "text"
         huge_s = time.monotonic() - started
-        assert huge_s < 10, huge_s  # tokenizing them took ~45 s before the character limit
+        assert huge_s < 10, huge_s  # refused by the character limit, never tokenized
         assert _field(_refused(lambda: c.generate("ab " * (llm.max_prompt_chars // 3), max_new_tokens=1))) == "text"
         assert _field(_refused(lambda: c.generate([5] * (llm.max_model_len + 1), max_new_tokens=1))) == \
             "token_ids.ids"
