@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from aspen.errors import CheckpointError
-from aspen.kernels.extension import build_now
+from aspen.kernels.builder import build_now, start_build
+from aspen.kernels.catalog import extensions_for
 from aspen.lora.op import LoraBatch
 from aspen.lora.peft.reader import LoraAdapter, load_peft_adapter
 from aspen.lora.pool import LoraPool, PooledAdapter, pages_needed
@@ -76,19 +77,12 @@ class LanguageModel:
         return n
 
     def build_kernels(self, packed_gemm: bool = True) -> dict[str, bool]:
-        """Compile now the C++ extensions this model's CPU paths use (in parallel; cached once per machine), so
-        that no request or training step pays for it. Returns {extension: available}. On other devices only the
-        adapter-loading kernels apply (adapters are validated on the host)."""
-        from aspen.kernels import adapter_kernels, cpu_kernels, fused_ops, panel_gemm
-        from aspen.kernels import sgmv as sgmv_kernel
-        from aspen.model import packed_linear
-
-        wanted = [adapter_kernels._EXTENSION]
-        if self.device.type == "cpu":
-            wanted += [cpu_kernels._EXTENSION, fused_ops._EXTENSION, sgmv_kernel._EXTENSION]
-            if packed_gemm and self.dtype == torch.float32:
-                wanted += [packed_linear._EXTENSION, panel_gemm._EXTENSION]
-        return build_now(wanted)
+        """Wait for the C++ extensions this model's paths use — the builds :func:`load_model` started, and any it
+        did not (built or loaded from the build cache now, in parallel) — so that no request or training step pays
+        for them. ``packed_gemm``: float32 CPU weights will be packed (:meth:`pack_for_inference`). Returns
+        {extension: available}. On other devices only the adapter-loading kernels apply (adapters are validated
+        on the host)."""
+        return build_now(extensions_for(self.device.type, packed_gemm and self.dtype == torch.float32))
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         return KVCache(self.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
@@ -160,13 +154,19 @@ class LanguageModel:
 
 def load_model(path: str, dtype: str | torch.dtype = "float32", quantize: str | None = None,
                device: str | torch.device = "cpu", progress: bool = True) -> LanguageModel:
-    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer)."""
+    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
+
+    Once the checkpoint's config has been read, the C++ extensions the model will use start building (or loading
+    from the build cache) on background threads, beside the weight load; :meth:`LanguageModel.build_kernels`
+    waits for them."""
     torch_dtype = parse_dtype(dtype)
     mode = check_mode(quantize)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
     path = os.path.abspath(os.path.expanduser(path))
+    ModelConfig.from_dir(path)  # a wrong directory fails here, before any build starts
+    start_build(extensions_for(dev.type, packed_gemm=torch_dtype == torch.float32))
     model = build_model(path, dtype=torch_dtype, device=dev, progress=progress)
     model = quantize_model(model, mode)
     tokenizer = load_tokenizer(path)

@@ -1,23 +1,21 @@
-"""Inference-only linear layers over weights pre-packed for the CPU's GEMM (MKL's packed sgemm).
+"""Inference-only linear layers over weights pre-packed for the CPU's GEMM.
 
 A decode step multiplies 1 to 64 rows by every weight of the model. At those shapes the plain GEMM
-(``F.linear``) spends much of its time re-laying out the weight: for the 125M model's 49 weight matrices, one pass
-over all of them took 43 ms for 8 rows and 51 ms for 32 on this project's 2-core CPU, against 25 and 36 ms when the
-weights were packed once beforehand (``cblas_sgemm_pack``) and multiplied with ``cblas_sgemm_compute``; from a few
-hundred rows up (prefill) both run at the same speed. The packed copy replaces the weight — the layer keeps no
-other — so memory stays the same (MKL reserves more address space for it than it writes; the resident size is the
-weight's), except for a head tied to the embeddings: the embedding lookup keeps the original, the packed head
-comes on top.
+(``F.linear``) spends much of its time re-laying out the weight; a weight packed once beforehand skips that, and
+from a few hundred rows up (prefill) both run at the same speed. The packed copy replaces the weight — the layer
+keeps no other — so memory stays the same (MKL reserves more address space for its layout than it writes; the
+resident size is the weight's), except for a head tied to the embeddings: the embedding lookup keeps the
+original, the packed head comes on top.
 
 Packing is an explicit, irreversible choice for serving (:meth:`aspen.language_model.LanguageModel.pack_for_inference`,
 ``EngineConfig.packed_gemm``): a packed layer has no ``weight`` to train, quantize or save and refuses autograd.
-It applies to float32 projections on the CPU when torch was built with MKL (x86 wheels are); elsewhere, or if the
-small extension cannot be compiled, layers stay as they are. The extension calls MKL through the symbols
-``libtorch_cpu`` exports; it is built on first use into torch's extension cache (seconds, once per machine).
+It applies to float32 projections on the CPU where a packed GEMM extension is built; elsewhere layers stay as they
+are.
 
-Two layouts (``backend``): MKL's, and on CPUs with AVX-512 our own column panels (:mod:`aspen.kernels.panel_gemm`), which
-measured 4-22% faster than MKL's at 8-64 rows and level with it at 2,048. ``"auto"`` (the default)
-takes the panels where they are built, else MKL's.
+Two layouts (``backend``): MKL's packed sgemm (:mod:`aspen.kernels.mkl_packed`, where torch was built with MKL),
+and on CPUs with AVX-512 our own column panels (:mod:`aspen.kernels.panel_gemm`), faster than MKL's at decode
+batch sizes and level with it at prefill sizes (BENCHMARKS.md). ``"auto"`` (the default) takes the panels where
+they are built, else MKL's.
 """
 from __future__ import annotations
 
@@ -25,59 +23,11 @@ import torch
 from torch import nn
 
 from aspen.kernels import panel_gemm
-from aspen.kernels.extension import LazyExtension
-
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <pybind11/pybind11.h>
-
-// MKL's CBLAS packed GEMM (LP64 interface), exported by libtorch_cpu when torch is built with MKL
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest);
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc);
-}
-enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
-
-// B of C[M, N] = A[M, K] B, packed for any M: ``b`` is [N, K] with transposed (an nn.Linear weight: B = weight^T),
-// else [K, N]
-torch::Tensor pack_matrix(torch::Tensor b, bool transposed, int64_t rows_hint) {
-  TORCH_CHECK(b.scalar_type() == torch::kFloat && b.dim() == 2 && b.is_contiguous() && b.device().is_cpu(),
-              "pack_matrix: a contiguous 2-D float32 CPU matrix expected");
-  const int n = transposed ? b.size(0) : b.size(1), k = transposed ? b.size(1) : b.size(0);
-  const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, rows_hint, n, k);
-  auto packed = torch::empty({static_cast<int64_t>((bytes + 3) / 4)}, b.options());
-  cblas_sgemm_pack(kRowMajor, kBMatrix, transposed ? kTrans : kNoTrans, rows_hint, n, k, 1.0f, b.data_ptr<float>(),
-                   b.size(1), packed.data_ptr<float>());
-  return packed;
-}
-
-// out[M, N] = x[M, K] B with B packed by pack_matrix for this N and K (the caller keeps them paired)
-void packed_mm(torch::Tensor out, torch::Tensor x, torch::Tensor packed) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat && x.dim() == 2 &&
-              out.dim() == 2 && x.is_contiguous() && out.is_contiguous() && out.size(0) == x.size(0),
-              "packed_mm: contiguous 2-D float32 x [M, K] and out [M, N] expected");
-  const int m = x.size(0), k = x.size(1), n = out.size(1);
-  pybind11::gil_scoped_release no_gil;
-  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, x.data_ptr<float>(), k, packed.data_ptr<float>(), n,
-                      0.0f, out.data_ptr<float>(), n);
-}
-"""
+from aspen.kernels.mkl_packed import kernel
 
 #: rows the packing is tuned for (MKL's hint; any row count can be multiplied): a full decode batch
 ROWS_HINT = 64
-_EXTENSION = LazyExtension("aspen_packed_gemm_v2", _SOURCE, ["pack_matrix", "packed_mm"], "packed-GEMM extension",
-                           available=torch.backends.mkl.is_available)
-
-
 BACKENDS = ("auto", "mkl", "panels")
-
-
-def kernel():
-    """The compiled MKL extension, or None where MKL's packed GEMM is not available."""
-    return _EXTENSION.get()
 
 
 def available(backend: str = "auto") -> bool:
