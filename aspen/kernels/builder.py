@@ -62,35 +62,34 @@ def workers() -> int:
 
 
 def _dispatch(claimed: list[Extension]) -> None:
-    """Sort the claimed extensions into cached and to-build (computing keys runs the compiler's preprocessor, so
-    it happens here, off the caller's thread), say which will be built, and run them all."""
-    wanted = [ext for ext in claimed if _wanted(ext)]
-    todo = [ext for ext in wanted if not _built(ext)]
+    """Find out what each claimed extension needs (keys run the compiler's preprocessor, so this runs off the
+    caller's thread; a build to do takes its lock here, so that the log names exactly what this process compiles),
+    say so, and run them all."""
+    plans = {ext: ext.reserve() for ext in claimed}
+    todo = [ext for ext in claimed if plans[ext] == "build"]
+    waiting = [ext for ext in claimed if plans[ext] == "wait"]
+    cached = [ext for ext in claimed if plans[ext] == "cached"]
     if todo:
-        log.info("building %d C++ extension%s, %d at a time, into %s: %s", len(todo), "" if len(todo) == 1 else "s",
-                 min(len(todo), workers()), cache_root(), ", ".join(ext.name for ext in todo))
-    elif wanted:
-        log.info("loading %d C++ extension%s from %s", len(wanted), "" if len(wanted) == 1 else "s", cache_root())
+        log.info("building %s, %d at a time, into %s: %s", _count(todo), min(len(todo), workers()), cache_root(),
+                 _names(todo))
+    if waiting:
+        log.info("waiting for another process's build of %s: %s", _count(waiting), _names(waiting))
+    if cached and not todo and not waiting:
+        log.info("loading %s from %s", _count(cached), cache_root())
     progress = Progress(len(todo))
-    for ext in claimed:  # the quick loads first, so that none waits behind a compilation
+    for ext in claimed:  # the quick ones first, so that none waits behind a compilation
         if ext not in todo:
             _submit(ext.run)
     for ext in todo:
         _submit(ext.run, progress)
 
 
-def _wanted(ext: Extension) -> bool:
-    try:
-        return ext.wanted()
-    except Exception:  # noqa: BLE001 -- its run reports the reason
-        return True
+def _count(extensions: list[Extension]) -> str:
+    return f"{len(extensions)} C++ extension{'' if len(extensions) == 1 else 's'}"
 
 
-def _built(ext: Extension) -> bool:
-    try:
-        return ext.is_built()
-    except Exception:  # noqa: BLE001 -- unreadable sources and the like: its run reports the reason
-        return False
+def _names(extensions: list[Extension]) -> str:
+    return ", ".join(ext.name for ext in extensions)
 
 
 def _submit(fn: Callable, *args) -> None:

@@ -6,7 +6,7 @@
 A build directory holds a copy of the sources it was built from (so that no build depends on where the package is
 installed), torch's build files and the library, and ``build.json``, written last: a directory that has it holds a
 complete build, which is imported as it is. Without it, a process takes the directory's lock (``build.lock``, a
-``flock`` that the system drops when the process ends, however it ends), looks again, and builds with
+``flock``, which the system drops when the process ends, however it ends), looks again, and builds with
 ``torch.utils.cpp_extension.load``; another process that wants the same build meanwhile waits for the lock and
 then imports what the first one built. :mod:`aspen.kernels.builder` builds several extensions at once.
 """
@@ -78,6 +78,8 @@ class Extension:
         self._done = threading.Event()
         self._source_bytes: dict[str, bytes] | None = None
         self._key: BuildKey | None = None
+        self._plan = ""  # what reserve() found
+        self._lock_fd: int | None = None  # an open descriptor of the build lock, flock'ed, while this process holds it
 
     def __repr__(self) -> str:
         return f"Extension({self.name!r}, {self.sources})"
@@ -136,49 +138,75 @@ class Extension:
             self._claimed = True
             return True
 
+    def reserve(self) -> str:
+        """After :meth:`claim`, before :meth:`run`: what the run will do. "off" (turned off or not applicable
+        here), "cached" (a complete build is there to import), "build" (this process now holds the build lock and
+        will compile), "wait" (another process holds it: the run waits, then imports its build), or "unknown"
+        (the run finds out, and reports any failure)."""
+        self._plan = self._reserve()
+        return self._plan
+
+    def _reserve(self) -> str:
+        try:
+            if not self.wanted():
+                return "off"
+            if self.is_built():
+                return "cached"
+            directory = self.build_dir()
+            os.makedirs(directory, exist_ok=True)
+            self._lock_fd = _try_lock(os.path.join(directory, LOCK))
+            if self._lock_fd is None:
+                return "wait"
+            if self.is_built():  # finished by another process between the look and the lock
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                return "cached"
+            return "build"
+        except Exception:  # noqa: BLE001 -- unreadable sources and the like: the run reports them
+            return "unknown"
+
     def run(self, progress: Progress | None = None) -> None:
-        """Build or load the module (after :meth:`claim`). Never raises: an extension that cannot be had is None
-        and the reason is logged. ``progress``: the batch this build belongs to (it announced the build)."""
+        """Build or load the module (after :meth:`claim`, and :meth:`reserve` if the caller announced the build:
+        ``progress`` is then the batch it belongs to). Never raises: an extension that cannot be had is None and
+        the reason is logged."""
         try:
             if self.wanted():
                 self._module = self._load(progress)
         except Exception as e:  # noqa: BLE001 -- no compiler, headers or symbols: the torch paths still work
             log.warning("C++ extension %s (%s) unavailable (%s); using the torch paths", self.name, self.what, e)
         finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
             self._done.set()
 
     def _load(self, progress: Progress | None) -> ModuleType:
         directory = self.build_dir()
-        module = _import_build(directory)
-        if module is not None:
-            log.debug("loaded %s from %s", self.name, directory)
-            return module
-        os.makedirs(directory, exist_ok=True)
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(os.path.join(directory, LOCK))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.info("waiting for another process building %s in %s", self.name, directory)
-            lock.acquire()
-        try:
+        if self._lock_fd is None:
             module = _import_build(directory)
             if module is not None:
-                log.info("loaded %s, built meanwhile by another process%s", self.name, progress.step() if progress else "")
+                log.debug("loaded %s from %s", self.name, directory)
                 return module
-            if progress is None:
-                log.info("building %s (%s) in %s", self.name, self.what, directory)
-            start = time.monotonic()
-            module = self._compile(directory)
-            seconds = time.monotonic() - start
-            _write_atomically(os.path.join(directory, MARKER), json.dumps({
-                "module": module.__name__, "library": os.path.basename(module.__file__), "seconds": round(seconds, 1),
-                "digest": self.key().digest, "key": self.key().material}, indent=1).encode())
-            log.info("built %s in %.1f s%s", self.name, seconds, progress.step() if progress else "")
+            os.makedirs(directory, exist_ok=True)
+            self._lock_fd = _try_lock(os.path.join(directory, LOCK))
+            if self._lock_fd is None:
+                if self._plan != "wait":  # else the batch said so
+                    log.info("waiting for another process's build of %s in %s", self.name, directory)
+                self._lock_fd = _lock(os.path.join(directory, LOCK))
+        module = _import_build(directory)  # again, with the lock held: another process may have built it meanwhile
+        if module is not None:
+            log.info("loaded %s, built by another process", self.name)
             return module
-        finally:
-            lock.release()
+        if progress is None:
+            log.info("building %s (%s) in %s", self.name, self.what, directory)
+        start = time.monotonic()
+        module = self._compile(directory)
+        seconds = time.monotonic() - start
+        _write_atomically(os.path.join(directory, MARKER), json.dumps({
+            "module": module.__name__, "library": os.path.basename(module.__file__), "seconds": round(seconds, 1),
+            "digest": self.key().digest, "key": self.key().material}, indent=1).encode())
+        log.info("built %s in %.1f s%s", self.name, seconds, progress.step() if progress else "")
+        return module
 
     def _compile(self, directory: str) -> ModuleType:
         """Build with torch's JIT loader from a copy of the sources inside ``directory`` (the caller holds its lock)."""
@@ -214,6 +242,33 @@ def _import_build(directory: str) -> ModuleType | None:
     except (ImportError, OSError) as e:
         raise RuntimeError(f"the build in {directory} does not load ({e}); delete that directory to rebuild it") from e
     return module
+
+
+def _try_lock(path: str) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive flock, or None where another process holds it. The
+    system drops the flock when the descriptor is closed or the process ends, however it ends."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lock(path: str) -> int:
+    """Like :func:`_try_lock`, waiting for the flock as long as another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_atomically(path: str, data: bytes) -> None:
