@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from aspen.kernels.extension import Extension
+from aspen.kernels.extension import HEADER, Extension
 
-EXTENSION = Extension("adapter_kernels", "adapter_kernels.cpp", "adapter-loading kernels",
+EXTENSION = Extension("adapter_kernels", ("adapter_kernels.cpp", HEADER), "adapter-loading kernels",
                       cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",))
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from aspen.kernels.extension import Extension
+from aspen.kernels.extension import HEADER, Extension
 
 POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # pool storage the BGMV kernel reads (fp32 math)
-EXTENSION = Extension("cpu_kernels", "cpu_kernels.cpp", "BGMV, paged decode attention and dropout",
+EXTENSION = Extension("cpu_kernels", ("cpu_kernels.cpp", HEADER), "BGMV, paged decode attention and dropout",
                       cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",))
 
 

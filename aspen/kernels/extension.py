@@ -27,6 +27,8 @@ log = logging.getLogger("aspen.kernels")
 
 #: The C++ sources of the project's extensions (shipped with the package).
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+#: The header every extension of the project includes (in CSRC).
+HEADER = "aspen_extension.h"
 MARKER = "build.json"
 LOCK = "build.lock"
 _COMPILED = (".cpp", ".cc", ".cxx")
@@ -69,7 +71,8 @@ class Extension:
         self.name, self.what = name, what
         self.sources = (sources,) if isinstance(sources, str) else tuple(sources)
         if not any(f.endswith(_COMPILED) for f in self.sources):
-            raise ValueError(f"Extension {name}: at least one {'/'.join(_COMPILED)} source expected, got {self.sources}")
+            raise ValueError(f"Extension {name}: at least one {'/'.join(_COMPILED)} source expected, "
+                             f"got {self.sources}")
         self.cflags, self.ldflags, self.available = tuple(cflags), tuple(ldflags), available
         self.source_dir = source_dir or CSRC
         self._module: ModuleType | None = None
@@ -79,7 +82,7 @@ class Extension:
         self._source_bytes: dict[str, bytes] | None = None
         self._key: BuildKey | None = None
         self._plan = ""  # what reserve() found
-        self._lock_fd: int | None = None  # an open descriptor of the build lock, flock'ed, while this process holds it
+        self._lock_fd: int | None = None  # the build lock's descriptor (flock held) while this process holds it
 
     def __repr__(self) -> str:
         return f"Extension({self.name!r}, {self.sources})"
@@ -209,7 +212,7 @@ class Extension:
         return module
 
     def _compile(self, directory: str) -> ModuleType:
-        """Build with torch's JIT loader from a copy of the sources inside ``directory`` (the caller holds its lock)."""
+        """Build with torch's JIT loader from a copy of the sources inside ``directory`` (its lock held)."""
         from torch.utils.cpp_extension import load
 
         src = os.path.join(directory, "src")
@@ -240,7 +243,8 @@ def _import_build(directory: str) -> ModuleType | None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except (ImportError, OSError) as e:
-        raise RuntimeError(f"the build in {directory} does not load ({e}); delete that directory to rebuild it") from e
+        raise RuntimeError(f"the build in {directory} does not load ({e}); delete that directory to rebuild "
+                           "it") from e
     return module
 
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aspen.kernels.extension import Extension
+from aspen.kernels.extension import HEADER, Extension
 
 EXTENSION = Extension(
-    "fused_ops", "fused_ops.cpp", "fused elementwise kernels",
+    "fused_ops", ("fused_ops.cpp", HEADER), "fused elementwise kernels",
     cflags=("-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"),
     available=lambda: torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 

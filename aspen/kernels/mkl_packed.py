@@ -1,4 +1,5 @@
-"""MKL's packed sgemm for the CPU (``csrc/mkl_packed.cpp``): a right-hand side packed once, multiplied by many inputs.
+"""MKL's packed sgemm for the CPU (``csrc/mkl_packed.cpp``): a right-hand side packed once, multiplied by many
+inputs.
 
 ``pack_matrix(b, transposed, rows_hint)`` packs ``B`` of ``C[M, N] = A[M, K] B`` (``b`` is ``B^T`` [N, K] when
 ``transposed``, as an ``nn.Linear`` weight is, else ``B`` [K, N]; ``rows_hint`` is the ``M`` MKL tunes the packing
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from aspen.kernels.extension import Extension
+from aspen.kernels.extension import HEADER, Extension
 
-EXTENSION = Extension("mkl_packed", "mkl_packed.cpp", "MKL packed GEMM", available=torch.backends.mkl.is_available)
+EXTENSION = Extension("mkl_packed", ("mkl_packed.cpp", HEADER), "MKL packed GEMM",
+                      available=torch.backends.mkl.is_available)
 
 
 def kernel():

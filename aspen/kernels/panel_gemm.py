@@ -8,10 +8,10 @@ MKL's (:mod:`aspen.kernels.mkl_packed`), where it is built: only where the compi
 """
 from __future__ import annotations
 
-from aspen.kernels.extension import Extension, cpu_has_avx512
+from aspen.kernels.extension import HEADER, Extension, cpu_has_avx512
 
-EXTENSION = Extension("panel_gemm", "panel_gemm.cpp", "panel GEMM", cflags=("-O3", "-march=native", "-fopenmp"),
-                      ldflags=("-fopenmp",), available=cpu_has_avx512)
+EXTENSION = Extension("panel_gemm", ("panel_gemm.cpp", HEADER), "panel GEMM",
+                      cflags=("-O3", "-march=native", "-fopenmp"), ldflags=("-fopenmp",), available=cpu_has_avx512)
 
 
 def kernel():

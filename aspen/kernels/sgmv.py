@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from aspen.kernels.extension import Extension, cpu_has_avx512
+from aspen.kernels.extension import HEADER, Extension, cpu_has_avx512
 
 POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-EXTENSION = Extension("sgmv", "sgmv.cpp", "SGMV kernel", cflags=("-O3", "-march=native", "-fopenmp"),
+EXTENSION = Extension("sgmv", ("sgmv.cpp", HEADER), "SGMV kernel", cflags=("-O3", "-march=native", "-fopenmp"),
                       ldflags=("-fopenmp",), available=cpu_has_avx512)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aspen.kernels import build_cache, sgmv
-from aspen.kernels.extension import CSRC, Extension
+from aspen.kernels.extension import CSRC, HEADER, Extension
 
 
 @pytest.fixture()
@@ -38,9 +38,10 @@ def test_two_installs_of_the_same_sources_share_one_build_directory(tmp_path, ca
     assert str(tmp_path) not in os.path.basename(built)
 
 
-def test_changed_source_bytes_give_another_build_directory(tmp_path, cache):
+@pytest.mark.parametrize("edited", ["sgmv.cpp", HEADER])
+def test_changed_source_or_header_bytes_give_another_build_directory(tmp_path, cache, edited):
     copy = install(tmp_path, "edited")
-    with open(os.path.join(copy, "sgmv.cpp"), "a") as f:
+    with open(os.path.join(copy, edited), "a") as f:
         f.write("\n// a comment is a change too\n")
     assert like(sgmv.EXTENSION, source_dir=copy).build_dir() != sgmv.EXTENSION.build_dir()
 
@@ -70,7 +71,7 @@ def test_native_flags_see_this_cpus_instruction_sets():
 def test_the_key_records_torch_and_python():
     material = sgmv.EXTENSION.key().material
     assert material["torch"][0] == torch.__version__ and material["cpu_capability"]
-    assert material["python"][1] and set(material["sources"]) == {"sgmv.cpp"}
+    assert material["python"][1] and set(material["sources"]) == {"sgmv.cpp", HEADER}
 
 
 def test_cache_root_is_aspen_home_kernels_unless_named(tmp_path, monkeypatch):

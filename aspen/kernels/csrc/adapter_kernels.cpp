@@ -2,8 +2,7 @@
 // its write into the LoRA pool, each one call with the GIL released, on float32 CPU tensors. Both run on ATen's
 // threads (a tensor, or one projection of one layer, per task).
 
-#include <torch/extension.h>
-#include <pybind11/pybind11.h>
+#include "aspen_extension.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
@@ -13,13 +12,13 @@
 #include <immintrin.h>
 #endif
 
-static void check_float_cpu(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), what,
+static void check_float_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), what,
               ": contiguous float32 CPU tensors expected, got ", t.scalar_type(), " on ", t.device());
 }
 
 // true when no element is NaN or +-Inf (an exponent field of all ones)
-bool all_finite(const std::vector<torch::Tensor>& tensors) {
+bool all_finite(const std::vector<at::Tensor>& tensors) {
   for (const auto& t : tensors) check_float_cpu(t, "all_finite");
   pybind11::gil_scoped_release no_gil;
   std::atomic<bool> ok{true};
@@ -70,8 +69,8 @@ static inline void column_tile(float* dst, const float* src, int64_t stride, int
 //   data[l, rows[i], :in]         = A[i]            (A [r, in], r <= n)
 //   data[l, rows[i], in:in + out] = scale * B[:, i] (B [out, r])
 // and rows i >= r zeroed in [:in + out].
-void write_lora_rows(torch::Tensor data, const std::vector<int64_t>& layers, const std::vector<torch::Tensor>& rows,
-                     const std::vector<torch::Tensor>& As, const std::vector<torch::Tensor>& Bs,
+void write_lora_rows(at::Tensor data, const std::vector<int64_t>& layers, const std::vector<at::Tensor>& rows,
+                     const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
                      const std::vector<double>& scales) {
   check_float_cpu(data, "write_lora_rows (pool)");
   TORCH_CHECK(data.dim() == 3, "write_lora_rows: pool data [L, P, W] expected");
@@ -82,7 +81,7 @@ void write_lora_rows(torch::Tensor data, const std::vector<int64_t>& layers, con
   for (size_t e = 0; e < n_entries; ++e) {
     check_float_cpu(As[e], "write_lora_rows (lora_A)");
     check_float_cpu(Bs[e], "write_lora_rows (lora_B)");
-    TORCH_CHECK(rows[e].device().is_cpu() && rows[e].scalar_type() == torch::kLong && rows[e].dim() == 1 &&
+    TORCH_CHECK(rows[e].device().is_cpu() && rows[e].scalar_type() == at::kLong && rows[e].dim() == 1 &&
                 rows[e].is_contiguous(), "write_lora_rows: row ids must be a contiguous int64 CPU vector");
     TORCH_CHECK(As[e].dim() == 2 && Bs[e].dim() == 2 && Bs[e].size(1) == As[e].size(0) &&
                 As[e].size(0) <= rows[e].numel() && As[e].size(1) + Bs[e].size(0) <= W,

@@ -16,7 +16,7 @@
 // Rows run in parallel on ATen's thread pool. BGMV's inner loops use AVX2/FMA/F16C intrinsics where the compiler
 // targets them (-march=native) and plain C++ otherwise; attention's and dropout's are loops the compiler vectorises.
 
-#include <torch/extension.h>
+#include "aspen_extension.h"
 #include <ATen/Parallel.h>
 #include <vector>
 #include <cmath>
@@ -107,7 +107,8 @@ template <typename T> void axpy(float* y, float c, const T* b, int64_t n) {
 }
 template <typename T> void axpy4(float* y, const float* c, const T* b0, const T* b1, const T* b2, const T* b3,
                                  int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += c[0] * to_f32(b0[i]) + c[1] * to_f32(b1[i]) + c[2] * to_f32(b2[i]) + c[3] * to_f32(b3[i]);
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += c[0] * to_f32(b0[i]) + c[1] * to_f32(b1[i]) + c[2] * to_f32(b2[i]) + c[3] * to_f32(b3[i]);
 }
 #endif
 
@@ -137,9 +138,9 @@ void bgmv_impl(float* Y, const float* X, const T* P, const int64_t* T_, const in
   });
 }
 
-void bgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor tok, torch::Tensor rows,
-              torch::Tensor parts, int64_t in_features) {
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
+void bgmv_add(at::Tensor y, at::Tensor x, at::Tensor pool, at::Tensor tok, at::Tensor rows,
+              at::Tensor parts, int64_t in_features) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
               "bgmv_add: float32 activations expected");
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && pool.is_contiguous() && rows.is_contiguous() &&
               tok.is_contiguous() && parts.is_contiguous(), "bgmv_add: contiguous tensors expected");
@@ -150,12 +151,12 @@ void bgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tenso
   const int64_t* RW = rows.data_ptr<int64_t>();
   const int64_t* PT = parts.data_ptr<int64_t>();
   switch (pool.scalar_type()) {
-    case torch::kFloat:
+    case at::kFloat:
       bgmv_impl(Y, X, pool.data_ptr<float>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1), in_features); break;
-    case torch::kHalf:
+    case at::kHalf:
       bgmv_impl(Y, X, pool.data_ptr<c10::Half>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1), in_features);
       break;
-    case torch::kBFloat16:
+    case at::kBFloat16:
       bgmv_impl(Y, X, pool.data_ptr<c10::BFloat16>(), T_, RW, PT, N, R, W, K, x.size(1), y.size(1),
                 in_features);
       break;
@@ -164,10 +165,10 @@ void bgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tenso
   }
 }
 
-void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_pool, torch::Tensor v_pool,
-                            torch::Tensor slots, torch::Tensor starts, torch::Tensor lens, double scale) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && k_pool.scalar_type() == torch::kFloat &&
-              v_pool.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat,
+void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor k_pool, at::Tensor v_pool,
+                            at::Tensor slots, at::Tensor starts, at::Tensor lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
+              v_pool.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "paged_decode_attention: float32 tensors expected");
   TORCH_CHECK(out.is_contiguous() && q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
               slots.is_contiguous() && starts.is_contiguous() && lens.is_contiguous(),
@@ -268,11 +269,11 @@ static void dropout_block(float* dst, const float* x, int64_t begin, int64_t end
 }
 
 // out = x * keep, or acc += x * keep when acc is not empty (keep: 0 or 1; no 1/(1-p) scaling here)
-void dropout_apply(torch::Tensor out, torch::Tensor x, torch::Tensor acc, int64_t threshold, int64_t seed) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous(), "dropout_apply: contiguous float32 x");
+void dropout_apply(at::Tensor out, at::Tensor x, at::Tensor acc, int64_t threshold, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "dropout_apply: contiguous float32 x");
   const bool accumulate = acc.numel() > 0;
-  torch::Tensor& dst = accumulate ? acc : out;
-  TORCH_CHECK(dst.scalar_type() == torch::kFloat && dst.is_contiguous() && dst.numel() == x.numel(),
+  at::Tensor& dst = accumulate ? acc : out;
+  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous() && dst.numel() == x.numel(),
               "dropout_apply: a contiguous float32 output of x's size expected");
   const float* X = x.data_ptr<float>();
   float* O = dst.data_ptr<float>();

@@ -6,7 +6,7 @@
 // squares in float32 in another order than torch's mean (differences in the last bits). Built for ATen's AVX2
 // Vectorized<float> (-mavx2 -mfma with CPU_CAPABILITY=AVX2).
 
-#include <torch/extension.h>
+#include "aspen_extension.h"
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
@@ -23,7 +23,7 @@ template <typename F> void each_row(int64_t rows, const F& f) {
 }
 
 // out[t, j] = silu(g) * u with g = gu[t, j], u = gu[t, I + j]
-void swiglu_forward(torch::Tensor out, torch::Tensor gu) {
+void swiglu_forward(at::Tensor out, at::Tensor gu) {
   const int64_t I = gu.size(1) / 2;
   const float* src = gu.data_ptr<float>();
   float* dst = out.data_ptr<float>();
@@ -40,7 +40,7 @@ void swiglu_forward(torch::Tensor out, torch::Tensor gu) {
 }
 
 // dgu[t, j] = dh * u * s * (1 + g * (1 - s)), dgu[t, I + j] = dh * g * s, with s = sigmoid(g)
-void swiglu_backward(torch::Tensor dgu, torch::Tensor dh, torch::Tensor gu) {
+void swiglu_backward(at::Tensor dgu, at::Tensor dh, at::Tensor gu) {
   const int64_t I = gu.size(1) / 2;
   const float* src = gu.data_ptr<float>();
   const float* grad = dh.data_ptr<float>();
@@ -71,7 +71,7 @@ static float sum_of_squares(const float* x, int64_t n) {
 }
 
 // rows of x [R, D]: rstd[r] = 1 / sqrt(mean(x^2) + eps), y = w * (x * rstd)
-void rms_norm_forward(torch::Tensor y, torch::Tensor rstd, torch::Tensor x, torch::Tensor w, double eps) {
+void rms_norm_forward(at::Tensor y, at::Tensor rstd, at::Tensor x, at::Tensor w, double eps) {
   const int64_t D = x.size(-1), R = x.numel() / D;
   const float* xs = x.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
@@ -90,7 +90,7 @@ void rms_norm_forward(torch::Tensor y, torch::Tensor rstd, torch::Tensor x, torc
 }
 
 // dx = rstd * (g - x * rstd^2 * mean(g * x)) with g = w * dy (the weight is frozen: no weight gradient)
-void rms_norm_backward(torch::Tensor dx, torch::Tensor dy, torch::Tensor x, torch::Tensor rstd, torch::Tensor w) {
+void rms_norm_backward(at::Tensor dx, at::Tensor dy, at::Tensor x, at::Tensor rstd, at::Tensor w) {
   const int64_t D = x.size(-1), R = x.numel() / D;
   const float* xs = x.data_ptr<float>();
   const float* ds = dy.data_ptr<float>();
@@ -117,7 +117,7 @@ void rms_norm_backward(torch::Tensor dx, torch::Tensor dy, torch::Tensor x, torc
 
 // x [T, H, hd] (heads contiguous within a token, any token stride), cos/sin [T, hd] (halves repeat):
 // out[t, h, i] = x1 c - sign x2 s, out[t, h, half + i] = x2 c + sign x1 s; out [T, H, hd] contiguous
-void rotary(torch::Tensor out, torch::Tensor x, torch::Tensor cos, torch::Tensor sin, double sign) {
+void rotary(at::Tensor out, at::Tensor x, at::Tensor cos, at::Tensor sin, double sign) {
   const int64_t T = x.size(0), H = x.size(1), hd = x.size(2), half = hd / 2, xs = x.stride(0);
   const float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();

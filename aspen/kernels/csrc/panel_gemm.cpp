@@ -12,8 +12,7 @@
 //
 // The kernel exists only where the compiler targets AVX-512 (-march=native); built_for_avx512() says which.
 
-#include <torch/extension.h>
-#include <pybind11/pybind11.h>
+#include "aspen_extension.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #if defined(__AVX512F__)
@@ -29,11 +28,11 @@ bool built_for_avx512() {
 }
 
 // b_t: B^T [N, K] (any strides) -> panels [ceil(N / 64), K, 64]
-torch::Tensor pack_panels(torch::Tensor b_t) {
-  TORCH_CHECK(b_t.scalar_type() == torch::kFloat && b_t.dim() == 2 && b_t.device().is_cpu(),
+at::Tensor pack_panels(at::Tensor b_t) {
+  TORCH_CHECK(b_t.scalar_type() == at::kFloat && b_t.dim() == 2 && b_t.device().is_cpu(),
               "pack_panels: a 2-D float32 CPU matrix expected");
   const int64_t n = b_t.size(0), k = b_t.size(1), panels = (n + 63) / 64;
-  auto out = torch::zeros({panels, k, 64}, b_t.options().memory_format(torch::MemoryFormat::Contiguous));
+  auto out = at::zeros({panels, k, 64}, b_t.options().memory_format(at::MemoryFormat::Contiguous));
   auto src = b_t.accessor<float, 2>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -106,8 +105,8 @@ static void panel_rows(const float* x, int64_t m, int64_t k, const float* panel,
 #endif
 
 // out[M, N] = x[M, K] @ B, B in panels from pack_panels (N = out.size(1))
-void panel_mm(torch::Tensor out, torch::Tensor x, torch::Tensor panels) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat && x.dim() == 2 &&
+void panel_mm(at::Tensor out, at::Tensor x, at::Tensor panels) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && x.dim() == 2 &&
               out.dim() == 2 && x.is_contiguous() && out.is_contiguous() && out.size(0) == x.size(0) &&
               panels.dim() == 3 && panels.size(1) == x.size(1) && panels.size(2) == 64 &&
               panels.size(0) == (out.size(1) + 63) / 64,

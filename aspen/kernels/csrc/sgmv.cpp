@@ -13,8 +13,7 @@
 //
 // The kernel exists only where the compiler targets AVX-512 (-march=native); built_for_avx512() says which.
 
-#include <torch/extension.h>
-#include <pybind11/pybind11.h>
+#include "aspen_extension.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <utility>
@@ -135,14 +134,14 @@ static void sgmv_impl(float* Y, const float* X, const P* pool, const int64_t* to
 #endif
 
 // y[tok[n]] += LoRA delta of row n, rows [seg[s], seg[s+1]) sharing the page rows rows[seg[s]]
-void sgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tensor tok, torch::Tensor rows,
-              torch::Tensor seg, torch::Tensor parts, int64_t in_features) {
-  TORCH_CHECK(y.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat,
+void sgmv_add(at::Tensor y, at::Tensor x, at::Tensor pool, at::Tensor tok, at::Tensor rows,
+              at::Tensor seg, at::Tensor parts, int64_t in_features) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat,
               "sgmv_add: float32 activations expected");
   TORCH_CHECK(y.is_contiguous() && x.is_contiguous() && pool.is_contiguous() && rows.is_contiguous() &&
               tok.is_contiguous() && seg.is_contiguous() && parts.is_contiguous(),
               "sgmv_add: contiguous tensors expected");
-  TORCH_CHECK(seg.dim() == 1 && seg.size(0) >= 1 && seg.scalar_type() == torch::kLong && seg.device().is_cpu() &&
+  TORCH_CHECK(seg.dim() == 1 && seg.size(0) >= 1 && seg.scalar_type() == at::kLong && seg.device().is_cpu() &&
               tok.size(0) == rows.size(0), "sgmv_add: segment offsets from 0 to the number of rows expected");
   const int64_t* SG = seg.data_ptr<int64_t>();  // read in place: this runs once per layer and projection group
   const int64_t S = seg.size(0) - 1;
@@ -157,13 +156,13 @@ void sgmv_add(torch::Tensor y, torch::Tensor x, torch::Tensor pool, torch::Tenso
   const int64_t* PT = parts.data_ptr<int64_t>();
   pybind11::gil_scoped_release no_gil;
   switch (pool.scalar_type()) {
-    case torch::kFloat:
+    case at::kFloat:
       sgmv_impl(Y, X, pool.data_ptr<float>(), T_, RW, SG, S, R, W, PT, K, x.size(1), y.size(1), in_features);
       break;
-    case torch::kHalf:
+    case at::kHalf:
       sgmv_impl(Y, X, pool.data_ptr<c10::Half>(), T_, RW, SG, S, R, W, PT, K, x.size(1), y.size(1), in_features);
       break;
-    case torch::kBFloat16:
+    case at::kBFloat16:
       sgmv_impl(Y, X, pool.data_ptr<c10::BFloat16>(), T_, RW, SG, S, R, W, PT, K, x.size(1), y.size(1),
                 in_features);
       break;
