@@ -8,6 +8,9 @@ Contracts
   :meth:`AdapterCache.tier` reports the highest tier holding it.
 * All tensor work goes through the injected :class:`AdapterBackend`; this module never imports
   torch. The backend owns the page layout; the cache only hands it page ids.
+* Each tier's bookkeeping (copies held, LRU order, bytes or pages) is a :class:`HostTier` and a
+  :class:`DeviceTier`; the cache decides what enters and leaves them (registration, pins, generations, counters,
+  backend calls) under its lock.
 * :meth:`acquire` makes an adapter device-resident and pins it; each successful acquire must be
   matched by exactly one :meth:`release`. A pinned adapter's device copy is never evicted, nor
   is the host copy of a device-resident pinned adapter.
@@ -37,13 +40,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aspen.errors import AdapterError, AdapterNotFoundError
 from engine.adapters.counters import CacheCounters
-from engine.adapters.page_allocator import PageAllocator
+from engine.adapters.device_tier import DeviceTier
+from engine.adapters.host_tier import HostTier
 from engine.adapters.paths import (
     check_confined,
     resolve_adapter_path,
@@ -68,9 +71,6 @@ class _Entry:
     adapter_id: str
     path: str
     generation: int
-    host: Any = None
-    device: Any = None
-    pages: list[int] = field(default_factory=list)
     pins: int = 0
     num_pages: int | None = None  # last known sizes, kept after eviction for cheap checks
     nbytes: int | None = None
@@ -84,14 +84,11 @@ class AdapterCache:
             raise ValueError(f"host_budget_bytes must be >= 0, got {host_budget_bytes}")
         self._root = root
         self._backend = backend
-        self._host_budget = int(host_budget_bytes)
-        self._alloc = PageAllocator(num_device_pages)
+        self._host = HostTier(int(host_budget_bytes))
+        self._device = DeviceTier(num_device_pages)
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._generations: dict[str, int] = {}  # survives unregister
-        self._host_lru: OrderedDict[str, None] = OrderedDict()  # oldest first
-        self._device_lru: OrderedDict[str, None] = OrderedDict()
-        self._bytes_host = 0
         self._counters = CacheCounters()
 
     # ---- registration -------------------------------------------------------------------
@@ -139,7 +136,7 @@ class AdapterCache:
                 self._counters.count("hits", adapter_id)
             else:
                 self._counters.count("misses")
-            return AcquireResult(adapter_id, status, entry.device, entry.generation)
+            return AcquireResult(adapter_id, status, self._device.get(adapter_id), entry.generation)
 
     def release(self, adapter_id: str) -> None:
         """Undo one :meth:`acquire`; ``ValueError`` if the adapter is not pinned."""
@@ -167,24 +164,25 @@ class AdapterCache:
         """Cheap scheduler hint; True when unknown (acquire decides, and raises if it never fits)."""
         with self._lock:
             entry = self._entry(adapter_id, register=False)
-            if entry is None or entry.device is not None:
+            if entry is None or adapter_id in self._device:
                 return True
-            need = entry.host.num_pages if entry.host is not None else entry.num_pages
-            if need is None or need > self._alloc.num_pages:
+            host = self._host.get(adapter_id)
+            need = host.num_pages if host is not None else entry.num_pages
+            if need is None or need > self._device.num_pages:
                 return True
-            known_bytes = entry.nbytes if entry.host is None else None
-            if known_bytes is not None and known_bytes <= self._host_budget and not self._host_fits(known_bytes):
+            known_bytes = entry.nbytes if host is None else None
+            if known_bytes is not None and known_bytes <= self._host.budget_bytes and not self._host_fits(known_bytes):
                 return False
             return self._device_fits(need)
 
     def evict_unpinned(self) -> None:
         """Drop every device copy that is not pinned and every host copy that may be evicted."""
         with self._lock:
-            for aid in list(self._device_lru):
-                if self._entries[aid].pins == 0:
+            for aid in self._device.ids():
+                if not self._pinned(aid):
                     self._drop_device(self._entries[aid], evicted=True)
-            for aid in list(self._host_lru):
-                if not self._protected(self._entries[aid]):
+            for aid in self._host.ids():
+                if not self._protected(aid):
                     self._drop_host(self._entries[aid], evicted=True)
 
     # ---- queries ------------------------------------------------------------------------
@@ -195,7 +193,7 @@ class AdapterCache:
             if entry is None:
                 resolve_adapter_path(self._root, adapter_id)
                 return "disk"
-            return "device" if entry.device is not None else "host" if entry.host is not None else "disk"
+            return "device" if adapter_id in self._device else "host" if adapter_id in self._host else "disk"
 
     def generation(self, adapter_id: str) -> int:
         """Current generation of a registered id (no just-in-time registration)."""
@@ -218,31 +216,25 @@ class AdapterCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return self._counters.snapshot(bytes_host=self._bytes_host, pages_device=self._alloc.num_used,
-                                           host_budget_bytes=self._host_budget,
-                                           num_device_pages=self._alloc.num_pages)
+            return self._counters.snapshot(bytes_host=self._host.bytes_used, pages_device=self._device.num_used,
+                                           host_budget_bytes=self._host.budget_bytes,
+                                           num_device_pages=self._device.num_pages)
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` on any inconsistency between tiers, pages, bytes and pins."""
         with self._lock:
-            self._alloc.check_invariants()
-            on_device = {a for a, e in self._entries.items() if e.device is not None}
-            on_host = {a for a, e in self._entries.items() if e.host is not None}
-            if set(self._device_lru) != on_device or set(self._host_lru) != on_host:
-                raise AssertionError("LRU lists disagree with the entries' tiers")
-            pages = [p for a in on_device for p in self._entries[a].pages]
-            if len(pages) != len(set(pages)) or set(pages) != self._alloc.used_pages():
-                raise AssertionError("device pages are shared, leaked or unaccounted for")
-            nbytes = sum(self._entries[a].host.nbytes for a in on_host)
-            if nbytes != self._bytes_host or nbytes > self._host_budget:
-                raise AssertionError(f"host bytes {nbytes} (tracked {self._bytes_host}) vs budget {self._host_budget}")
+            self._device.check_invariants()
+            self._host.check_invariants()
+            unknown = (set(self._device.ids()) | set(self._host.ids())) - set(self._entries)
+            if unknown:
+                raise AssertionError(f"the tiers hold copies of unregistered adapters {sorted(unknown)}")
             for e in self._entries.values():
-                if e.pins < 0 or (e.pins and e.device is None):
-                    raise AssertionError(f"adapter {e.adapter_id!r} has {e.pins} pins but device={e.device!r}")
-                if e.device is not None and len(e.pages) != e.num_pages:
-                    raise AssertionError(f"adapter {e.adapter_id!r} holds {len(e.pages)} pages, needs {e.num_pages}")
-                if e.device is None and e.pages:
-                    raise AssertionError(f"adapter {e.adapter_id!r} holds pages without a device copy")
+                on_device = e.adapter_id in self._device
+                if e.pins < 0 or (e.pins and not on_device):
+                    raise AssertionError(f"adapter {e.adapter_id!r} has {e.pins} pins, on the device: {on_device}")
+                pages = self._device.pages(e.adapter_id)
+                if on_device and len(pages) != e.num_pages:
+                    raise AssertionError(f"adapter {e.adapter_id!r} holds {len(pages)} pages, needs {e.num_pages}")
 
     # ---- internals (caller holds the lock) ----------------------------------------------
     def _entry(self, adapter_id: str, *, register: bool) -> _Entry | None:
@@ -299,8 +291,8 @@ class AdapterCache:
         with self._lock:
             entry = self._known(adapter_id, register=True)
             if request:
-                self._counters.count("request_hits" if entry.device is not None else "request_misses")
-            if entry.device is not None or entry.host is not None:
+                self._counters.count("request_hits" if adapter_id in self._device else "request_misses")
+            if adapter_id in self._device or adapter_id in self._host:
                 return self._make_resident(entry, keep_host_when_full=True)
             if self._full_before_read(entry, keep_host_when_full=True):
                 return CacheStatus.CACHE_FULL
@@ -309,24 +301,24 @@ class AdapterCache:
         with self._lock:
             self._counters.load_seconds += seconds
             current = self._entries.get(adapter_id)
-            if (current is entry and entry.generation == generation and entry.host is None
-                    and entry.device is None):
+            if (current is entry and entry.generation == generation and adapter_id not in self._host
+                    and adapter_id not in self._device):
                 self._accept_host(entry, host)
                 if not self._insert_host(entry, host):
                     return CacheStatus.CACHE_FULL
             return self._make_resident(self._known(adapter_id, register=True), keep_host_when_full=True)
 
     def _make_resident(self, entry: _Entry, *, keep_host_when_full: bool) -> CacheStatus:
-        if entry.device is not None:
+        if entry.adapter_id in self._device:
             self._touch(entry)
             return CacheStatus.HIT
-        if entry.host is None:
+        if entry.adapter_id not in self._host:
             if self._full_before_read(entry, keep_host_when_full=keep_host_when_full):
                 return CacheStatus.CACHE_FULL
             host = self._load_host(entry)
             if not self._insert_host(entry, host):
                 return CacheStatus.CACHE_FULL
-        if not self._device_fits(entry.host.num_pages):
+        if not self._device_fits(self._host.get(entry.adapter_id).num_pages):
             self._touch(entry)
             return CacheStatus.CACHE_FULL
         self._load_device(entry)
@@ -373,27 +365,22 @@ class AdapterCache:
         self._counters.count("loads", entry.adapter_id)
 
     def _load_device(self, entry: _Entry) -> None:
-        need = entry.host.num_pages
-        for aid in list(self._device_lru):  # evict LRU unpinned until enough pages are free
-            if self._alloc.num_free >= need:
-                break
-            if self._entries[aid].pins == 0:
-                self._drop_device(self._entries[aid], evicted=True)
-        pages = self._alloc.allocate(need)
-        if pages is None:  # _device_fits said it would fit
-            raise AssertionError(f"page accounting is off: {need} pages wanted, {self._alloc.num_free} free")
+        host = self._host.get(entry.adapter_id)
+        need = host.num_pages
+        for aid in self._device.victims(need, keep=self._pinned):  # LRU unpinned until enough pages are free
+            self._drop_device(self._entries[aid], evicted=True)
+        pages = self._device.allocate(need)  # _device_fits said it would fit
         t0 = time.perf_counter()
         try:
-            dev = self._backend.to_device(entry.host, pages)
+            dev = self._backend.to_device(host, pages)
         except BaseException:
-            self._alloc.free(pages)
+            self._device.free(pages)
             self._drop_host(entry, evicted=False)
             self._counters.count("load_failures")
             raise
         finally:
             self._counters.load_seconds += time.perf_counter() - t0
-        entry.device, entry.pages = dev, pages
-        self._device_lru[entry.adapter_id] = None
+        self._device.add(entry.adapter_id, dev, pages)
         self._touch(entry)
         self._counters.count("device_loads", entry.adapter_id)
 
@@ -401,48 +388,43 @@ class AdapterCache:
         """Add ``host`` to the host tier, evicting LRU evictable copies; False if it cannot fit."""
         if not self._host_fits(host.nbytes):
             return False
-        for aid in list(self._host_lru):
-            if self._bytes_host + host.nbytes <= self._host_budget:
-                break
-            if not self._protected(self._entries[aid]):
-                self._drop_host(self._entries[aid], evicted=True)
-        entry.host = host
-        self._bytes_host += host.nbytes
-        self._host_lru[entry.adapter_id] = None
+        for aid in self._host.victims(host.nbytes, keep=self._protected):
+            self._drop_host(self._entries[aid], evicted=True)
+        self._host.add(entry.adapter_id, host)
         return True
 
     def _check_sizes(self, adapter_id: str, nbytes: Any, num_pages: Any) -> None:
         for name, value in (("nbytes", nbytes), ("num_pages", num_pages)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AdapterError(f"adapter {adapter_id!r}: backend reported {name}={value!r}; expected an int >= 0")
-        if nbytes > self._host_budget:
+        if nbytes > self._host.budget_bytes:
             raise AdapterError(
                 f"adapter {adapter_id!r} needs {nbytes} bytes of host memory but the host budget is "
-                f"{self._host_budget} bytes"
+                f"{self._host.budget_bytes} bytes"
             )
-        if num_pages > self._alloc.num_pages:
+        if num_pages > self._device.num_pages:
             raise AdapterError(
                 f"adapter {adapter_id!r} needs {num_pages} device pages but the pool has only "
-                f"{self._alloc.num_pages} pages"
+                f"{self._device.num_pages} pages"
             )
 
-    def _protected(self, entry: _Entry) -> bool:
+    def _pinned(self, adapter_id: str) -> bool:
+        """Device copies of pinned adapters are never evicted."""
+        return self._entries[adapter_id].pins > 0
+
+    def _protected(self, adapter_id: str) -> bool:
         """Host copies of device-resident pinned adapters are never evicted."""
-        return entry.device is not None and entry.pins > 0
+        return adapter_id in self._device and self._entries[adapter_id].pins > 0
 
     def _host_fits(self, nbytes: int) -> bool:
-        held = sum(self._entries[a].host.nbytes for a in self._host_lru if self._protected(self._entries[a]))
-        return held + nbytes <= self._host_budget
+        return self._host.fits(nbytes, keep=self._protected)
 
     def _device_fits(self, need: int) -> bool:
-        evictable = sum(len(self._entries[a].pages) for a in self._device_lru if self._entries[a].pins == 0)
-        return self._alloc.num_free + evictable >= need
+        return self._device.fits(need, keep=self._pinned)
 
     def _touch(self, entry: _Entry) -> None:
-        if entry.device is not None:
-            self._device_lru.move_to_end(entry.adapter_id)
-        if entry.host is not None:
-            self._host_lru.move_to_end(entry.adapter_id)
+        self._device.touch(entry.adapter_id)
+        self._host.touch(entry.adapter_id)
 
     def _drop(self, entry: _Entry) -> None:
         try:
@@ -451,21 +433,15 @@ class AdapterCache:
             self._drop_host(entry, evicted=False)
 
     def _drop_device(self, entry: _Entry, *, evicted: bool) -> None:
-        dev, pages = entry.device, entry.pages
-        if dev is None:
+        if entry.adapter_id not in self._device:
             return
-        entry.device, entry.pages = None, []  # bookkeeping first: consistent even if the backend raises
-        del self._device_lru[entry.adapter_id]
-        self._alloc.free(pages)
+        dev = self._device.remove(entry.adapter_id)  # bookkeeping first: consistent even if the backend raises
         if evicted:
             self._counters.count("evictions_device", entry.adapter_id)
         self._backend.release_device(dev)
 
     def _drop_host(self, entry: _Entry, *, evicted: bool) -> None:
-        if entry.host is None:
+        if self._host.remove(entry.adapter_id) is None:
             return
-        self._bytes_host -= entry.host.nbytes
-        entry.host = None
-        del self._host_lru[entry.adapter_id]
         if evicted:
             self._counters.count("evictions_host", entry.adapter_id)
