@@ -56,8 +56,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if need_grad else None
         step = max(1, min(n, head.chunk))
         # one logits buffer for every chunk, the (log-)softmax written over it: a fresh 32 MB tensor per chunk is a
-        # fresh mapping from the allocator each time; alone, the head GEMM into a fresh tensor ran at 143 GFLOP/s
-        # (median) against 175 into a reused one
+        # fresh mapping from the allocator each time, whose page faults slow the head GEMM that writes into it
         buf = torch.empty(step, vocab, dtype=hidden.dtype, device=hidden.device)
         for a in range(0, n, step):
             b = min(n, a + step)
