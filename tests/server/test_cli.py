@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from aspen.cli import main
+from tests.helpers.fake_client import recording_client
 
 
 def test_help_lists_commands(capsys):
@@ -85,18 +86,7 @@ def test_train_server_flag_gets_the_client_as_an_after_save_hook(monkeypatch):
 
     calls = []
 
-    class Client:
-        def __init__(self, address, timeout=None):
-            self.address = address
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def load_adapter(self, adapter_id, path):
-            calls.append((self.address, adapter_id, path))
+    Client = recording_client(calls)
 
     monkeypatch.setattr(clients.client, "AspenClient", Client)
     hooks = HOOKS["aspen.train.command"]

@@ -23,6 +23,7 @@ from aspen.train.data import IGNORE, PromptTemplate, load_records, tokenize
 from aspen.train.search import SuccessiveHalving
 from aspen.train.trainer import Trainer, lr_at
 from tests.helpers.adapters import ALL7
+from tests.helpers.fake_client import recording_client
 from tests.helpers.tiny_models import hf_model, make_checkpoint
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "a", "small", "cat", "sat", "by", "warm",
@@ -375,18 +376,7 @@ def test_aspen_format_config_trains_via_the_cli_and_notifies_the_server(env, tmp
 
     calls = []
 
-    class FakeClient:
-        def __init__(self, address, timeout=None):
-            self.address = address
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def load_adapter(self, adapter_id, path):
-            calls.append((self.address, adapter_id, path))
+    FakeClient = recording_client(calls)
 
     monkeypatch.setitem(sys.modules, "clients.client", types.SimpleNamespace(AspenClient=FakeClient))
     from aspen.cli import main
