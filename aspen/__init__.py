@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from aspen.language_model import LanguageModel
 
 __all__ = ["AdapterError", "AspenError", "CheckpointError", "LanguageModel", "load_model"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version lives: setup.cfg, `aspen --version` and the server read it
 
 
 def load_model(path: str, dtype: str = "float32", quantize: str | None = None, device: str = "cpu",

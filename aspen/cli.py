@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aspen import __version__
 from aspen.errors import AspenError
 
 
@@ -66,6 +67,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s modules are imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="aspen", description="ASPEN serve: one base model, many LoRA adapters.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"aspen-serve {__version__}")
     _add_commands(parser, COMMANDS, "command", "COMMAND", lambda name: command is None or name == command)
     return parser
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Protocol
 
+import aspen
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from engine.llm_engine import LLMEngine
@@ -116,14 +116,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 adapters_enabled=stats is not None,
                 adapter_cache_device_pages=stats.num_device_pages if stats else 0,
                 adapter_cache_host_bytes=stats.host_budget_bytes if stats else 0,
-                server_version=_version())
-
-
-def _version() -> str:
-    try:
-        return version("aspen-serve")
-    except PackageNotFoundError:
-        return "unknown"
+                server_version=aspen.__version__)
 
 
 class AdapterServicer(pb_grpc.AdapterServiceServicer):
