@@ -2,19 +2,21 @@
 
 Each benchmark is a module of this package with ``main(argv) -> report``; options after NAME that this command
 does not know are passed through (``aspen bench vs_peft --batch-size 16``). ``--tiny`` runs the tiny model with
-a few requests (a smoke test: its figures mean nothing). See BENCHMARKS.md for the figures and exact commands.
+a few requests (a smoke test: its figures mean nothing). A benchmark against a peer library needs the ``[bench]``
+extra; without it the command stops before any work with one line naming the extra (:mod:`benchmarks.extras`).
+See BENCHMARKS.md for the figures and exact commands.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
+
+from benchmarks.extras import require
 
 BENCHMARKS = {
     "lora_overhead": "one decode step, 32 rows x 32 adapters vs base (multi-LoRA op)",
     "engine_lora": "LLMEngine with 32 distinct adapters vs no adapters (tokens/s)",
-    "vs_peft": "LLMEngine vs PEFT mixed batch and PEFT one adapter at a time",
+    "vs_peft": "LLMEngine vs PEFT mixed batch and PEFT one adapter at a time (needs the [bench] extra)",
     "vs_transformers": "base-only LLMEngine vs transformers generate",
     "adapter_churn": "1,000 adapters through the gRPC server: p99 TTFT, load time, hit rate",
     "quantized": "int8 / nf4 memory per parameter and throughput vs fp32",
@@ -53,9 +55,7 @@ def build_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:  # benchmarks.common builds models with tests.helpers.tiny_models (a source-tree module)
-        sys.path.insert(0, root)
+    require(args.name)  # before the benchmark's module (torch, transformers) is even imported
     module = importlib.import_module(f"benchmarks.{args.name}")
     module.main(build_argv(args))
     return 0
