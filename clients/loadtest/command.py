@@ -6,8 +6,10 @@
         --rates 1,2,4 --num-requests 200 --input-len 8-512 --output-len 8-512 --out-dir loadtest-out
 
 It prints a table (one line per offered rate), and writes ``report.json``, ``latency_cdf.png`` and, for several
-rates, ``sweep.png`` (throughput and p99 TTFT over offered load) into ``--out-dir``. The exit status is 0 even
-when requests failed (they are counted by status code); 1 when the server cannot be reached. ``make-adapters``
+rates, ``sweep.png`` (throughput and p99 TTFT over offered load) into ``--out-dir``; ``report.json`` is written
+first, as soon as the runs end, and stays when a later step fails (:func:`clients.loadtest.report.write_outputs`).
+Without matplotlib the plots are skipped with a message saying so. The exit status is 0 even when requests failed
+(they are counted by status code); 1 when the server cannot be reached or a step after ``report.json`` failed. ``make-adapters``
 writes adapters with the model library (:mod:`aspen.lora.peft.make_adapters_command`); the ``aspen`` console
 script routes each subcommand to its module.
 """
@@ -106,7 +108,16 @@ def run(args: argparse.Namespace) -> int:
     config = {"server": args.server, "model": info.base_model, "device": info.device,
               "workload": {k: (str(v) if isinstance(v, LengthSpec) else v) for k, v in workload.__dict__.items()},
               "driver": {k: v for k, v in driver.__dict__.items() if k != "token"}, "rates": rates}
-    report = write_outputs(runs, config, args.out_dir, args.slo_ttft, args.slo_tpot)
-    print(format_table([r["summary"] for r in report["runs"]]))
-    print("wrote " + ", ".join(report["files"].values()))
-    return 0
+    out = write_outputs(runs, config, args.out_dir, args.slo_ttft, args.slo_tpot)
+    try:
+        if out.summaries:
+            print(format_table(out.summaries))
+        print("wrote " + ", ".join(out.files.values()))
+    except Exception:
+        print(f"aspen loadtest: the measurements are in {out.files['json']}", file=sys.stderr)
+        raise
+    for note in out.skipped:
+        print(f"aspen loadtest: {note}", file=sys.stderr)
+    for failure in out.failed:
+        print(f"aspen loadtest: {failure}; the measurements are in {out.files['json']}", file=sys.stderr)
+    return 1 if out.failed else 0

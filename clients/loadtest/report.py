@@ -10,14 +10,22 @@ Definitions (per run):
   ``tpot_s``) / requests sent. A unary run has no TTFT/TPOT: only successes count then.
 * ``errors``: failed requests by gRPC status code name (``FINISH_REASON_ERROR``: an engine error reported
   inside a stream; ``CLIENT_ERROR``: the load tester itself failed to send).
+
+:func:`write_outputs` puts the measurements on disk before it derives anything from them: ``report.json`` first
+holds the configuration and every request's record, then gains each run's summary, then the plots are drawn. A
+later step that fails leaves the file of an earlier one (every write is atomic) and is reported, not raised; the
+plots are skipped, with the reason, when matplotlib is not installed.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -91,11 +99,12 @@ def format_table(summaries: Sequence[dict]) -> str:
 
 
 def build_report(runs: Sequence[RunResult], config: dict, slo_ttft: float | None = None,
-                 slo_tpot: float | None = None, include_requests: bool = True) -> dict:
-    """The JSON-able report: the configuration, and per run its summary (and per-request records)."""
+                 slo_tpot: float | None = None, include_requests: bool = True, summaries: bool = True) -> dict:
+    """The JSON-able report: the configuration, and per run its summary (unless ``summaries`` is false) and its
+    per-request records (unless ``include_requests`` is false)."""
     out = []
     for run in runs:
-        entry = {"summary": summarize(run, slo_ttft, slo_tpot)}
+        entry = {"summary": summarize(run, slo_ttft, slo_tpot)} if summaries else {}
         if include_requests:
             entry["requests"] = [r.to_dict() for r in run.results]
         out.append(entry)
@@ -103,10 +112,19 @@ def build_report(runs: Sequence[RunResult], config: dict, slo_ttft: float | None
 
 
 def write_json(path: str, report: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, default=_json_default)
-        f.write("\n")
+    """Write ``report`` to ``path`` atomically: a reader (or a crash) never sees a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -174,17 +192,53 @@ def plot_sweep(summaries: Sequence[dict], path: str) -> str:
     return path
 
 
+@dataclass
+class Outputs:
+    """What :func:`write_outputs` wrote (``files``: ``json``, ``cdf``, ``sweep``), and what it did not: ``skipped``
+    (a step left out, with why) and ``failed`` (a step that raised after ``report.json`` was written)."""
+
+    report: dict
+    files: dict[str, str]
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def summaries(self) -> list[dict]:
+        return [r["summary"] for r in self.report["runs"] if "summary" in r]
+
+
+def plotting_unavailable() -> str | None:
+    """Why the plots cannot be drawn here (matplotlib not installed), or None; found without importing it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install matplotlib; the aspen-serve package depends on it)"
+    return None
+
+
 def write_outputs(runs: Sequence[RunResult], config: dict, out_dir: str, slo_ttft: float | None = None,
-                  slo_tpot: float | None = None) -> dict:
-    """Write ``report.json``, ``latency_cdf.png`` and (two or more distinct rates) ``sweep.png`` into ``out_dir``;
-    returns the report, with the written paths under ``files``."""
-    os.makedirs(out_dir, exist_ok=True)
-    report = build_report(runs, config, slo_ttft, slo_tpot)
-    files = {"cdf": plot_cdfs(runs, os.path.join(out_dir, "latency_cdf.png"))}
-    summaries = [r["summary"] for r in report["runs"]]
-    if len({s["offered_rate"] for s in summaries if s["offered_rate"] is not None}) >= 2:
-        files["sweep"] = plot_sweep(summaries, os.path.join(out_dir, "sweep.png"))
-    files["json"] = os.path.join(out_dir, "report.json")
-    report["files"] = files
-    write_json(files["json"], report)
-    return report
+                  slo_tpot: float | None = None) -> Outputs:
+    """Write ``report.json`` (the measurements, then with the summaries), then ``latency_cdf.png`` and (two or more
+    distinct rates) ``sweep.png`` into ``out_dir``; see the module docstring for what happens when a step fails."""
+    measurements = build_report(runs, config, summaries=False)
+    path = write_json(os.path.join(out_dir, "report.json"), measurements)
+    out = Outputs(report=measurements, files={"json": path})
+    try:
+        report = build_report(runs, config, slo_ttft, slo_tpot)
+        write_json(path, report)
+    except Exception as e:  # noqa: BLE001 -- the measurements are on disk; the caller says what failed
+        out.failed.append(f"summarizing failed ({type(e).__name__}: {e})")
+        return out
+    out.report = report
+    reason = plotting_unavailable()
+    if reason is not None:
+        out.skipped.append(f"plots skipped: {reason}")
+        return out
+    plots: list[tuple[str, str, Callable[[], str]]] = [
+        ("cdf", "latency_cdf.png", lambda: plot_cdfs(runs, os.path.join(out_dir, "latency_cdf.png")))]
+    if len({s["offered_rate"] for s in out.summaries if s["offered_rate"] is not None}) >= 2:
+        plots.append(("sweep", "sweep.png", lambda: plot_sweep(out.summaries, os.path.join(out_dir, "sweep.png"))))
+    for key, name, draw in plots:
+        try:
+            out.files[key] = draw()
+        except Exception as e:  # noqa: BLE001 -- one plot failing leaves the report and the other plots
+            out.failed.append(f"{name} not written ({type(e).__name__}: {e})")
+    return out
