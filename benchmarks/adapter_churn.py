@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -46,7 +47,7 @@ import tempfile
 import time
 import urllib.request
 
-from benchmarks.common import bench_model, device_name, write_report
+from benchmarks.common import ReportFile, bench_model, device_name
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -258,20 +259,31 @@ def main(argv: list[str] | None = None) -> dict:
                                      fill_ids=fill, host_bytes=host_bytes)
     steady_cold = time_adapter_loads(model, root, sample_ids, args.device, cache * ppa, cold=True,
                                      fill_ids=fill, host_bytes=host_bytes)
+    load_times = {"first_fill_warm": warm, "first_fill_cold": cold, "full_host_tier_warm": steady_warm,
+                  "full_host_tier_cold": steady_cold}
+    report = ReportFile("adapter_churn", args.out)
+    report.measured({
+        "shape": shape, "device": device_name(args.device),
+        "adapters_on_disk": num, "rank": args.rank, "targets": "all seven projections",
+        "adapter_mb_on_disk": round(_dir_bytes(os.path.join(root, adapter_name(0))) / 1e6, 2),
+        "device_cache_adapters_requested": cache, "lora_pool_mb": pool_mb,
+        "load_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in load_times.items()},
+    })
 
     # 3. load-test runs through the server
     driver = DriverConfig(mode="open", progress=not tiny, timeout_s=600)
-    summaries, metrics = {}, {}
+    metrics = {}
     configs = [("single", None)] + [(f"alpha={a}", float(a)) for a in args.alphas.split(",") if a]
     capacity = None
     servers: dict[str, Server] = {}
     workloads: dict[str, list] = {}
-    try:
+    with report.guarded(), contextlib.ExitStack() as running:
         from clients.client import AspenClient
 
         for label, alpha in configs:  # every server up (idle) before any is measured
             servers[label] = server = Server(model, root, args.device, pool_mb, args.max_num_seqs,
-                                                   ("--no-packed-gemm",) if args.no_packed_gemm else ())
+                                             ("--no-packed-gemm",) if args.no_packed_gemm else ())
+            running.callback(server.stop)
             with AspenClient(server.address, timeout=60) as c:
                 capacity = c.model_info().adapter_cache_device_pages
                 for _ in range(2):
@@ -290,50 +302,44 @@ def main(argv: list[str] | None = None) -> dict:
                 merge(runs[label], asyncio.run(drive(part, cfg_i, f"{label} {i + 1}/{args.slices}", rate)))
         for label in labels:
             metrics[label] = cache_metrics(servers[label].metrics_port)
-            summaries[label] = summarize(runs[label])
-    finally:
-        for server in servers.values():
-            server.stop()
-    runs = list(runs.values())
-    plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out
-                                               else tempfile.mkdtemp(prefix="adapter-churn-"), "adapter_churn")
-    files = write_outputs(runs, {"benchmark": "adapter_churn"}, plots_dir)["files"]
-
-    single_p99 = summaries["single"]["ttft"]["p99"]
-    per_alpha = {}
-    for label, _ in configs[1:]:
-        s = summaries[label]
-        ratio = s["ttft"]["p99"] / single_p99 if s["ttft"]["p99"] and single_p99 else None
-        per_alpha[label] = {"p99_ttft_vs_single": None if ratio is None else round(ratio, 3),
-                            "meets_target": ratio is not None and ratio <= 2.0}
-    load_medians = {"first_fill_warm": warm, "first_fill_cold": cold, "full_host_tier_warm": steady_warm,
-                    "full_host_tier_cold": steady_cold}
-    report = {
-        "benchmark": "adapter_churn", "shape": shape, "device": device_name(args.device),
-        "adapters_on_disk": num, "rank": args.rank, "targets": "all seven projections",
-        "adapter_mb_on_disk": round(_dir_bytes(os.path.join(root, adapter_name(0))) / 1e6, 2),
-        "device_cache_adapters_requested": cache, "lora_pool_mb": pool_mb, "device_pool_pages": capacity,
-        "device_cache_adapters": None if capacity is None else capacity // ppa,
-        "requests_per_run": n_req, "slices": args.slices, "offered_rate": rate, "input_len": in_len, "output_len": out_len,
-        "max_num_seqs": args.max_num_seqs, "packed_gemm": not args.no_packed_gemm,
-        "load_ms_warm_page_cache": ms_stats(warm), "load_ms_cold": ms_stats(cold),
-        "load_ms_full_host_tier_warm_page_cache": ms_stats(steady_warm),
-        "load_ms_full_host_tier_cold": ms_stats(steady_cold),
-        "load_target_ms": 10.0,
-        "meets_load_target": {k: statistics.median(v) * 1e3 <= 10.0 for k, v in load_medians.items()},
-        "runs": {label: {"ttft_p50_ms": _ms(s["ttft"]["p50"]), "ttft_p99_ms": _ms(s["ttft"]["p99"]),
-                         "tpot_p50_ms": _ms(s["tpot"]["p50"]), "e2e_p99_ms": _ms(s["e2e"]["p99"]),
-                         "request_throughput": round(s["request_throughput"], 3),
-                         "output_token_throughput": round(s["output_token_throughput"], 2),
-                         "ok": s["ok"], "errors": s["errors"], "distinct_adapters": s["distinct_adapters"],
-                         "cache": metrics[label]}
-                 for label, s in summaries.items()},
-        "p99_ttft_target": "<= 2x single", "per_alpha": per_alpha,
-        "meets_ttft_target": all(v["meets_target"] for v in per_alpha.values()),
-        "loadtest_files": files,
-    }
-    write_report(args.out, report)
-    return report
+    plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(report.path)), "adapter_churn")
+    report.measured({
+        "device_pool_pages": capacity, "device_cache_adapters": None if capacity is None else capacity // ppa,
+        "requests_per_run": n_req, "slices": args.slices, "offered_rate": rate, "input_len": in_len,
+        "output_len": out_len, "max_num_seqs": args.max_num_seqs, "packed_gemm": not args.no_packed_gemm,
+        "cache_metrics": metrics, "loadtest_report": os.path.join(plots_dir, "report.json"),
+    })
+    # the load tester's report.json (every request's record) next, then its summaries and plots
+    outputs = write_outputs(list(runs.values()), {"benchmark": "adapter_churn"}, plots_dir)
+    for note in outputs.skipped + outputs.failed:
+        print(f"adapter_churn: {note}", file=sys.stderr)
+    with report.guarded():
+        summaries = {label: summarize(run) for label, run in runs.items()}
+        single_p99 = summaries["single"]["ttft"]["p99"]
+        per_alpha = {}
+        for label, _ in configs[1:]:
+            s = summaries[label]
+            ratio = s["ttft"]["p99"] / single_p99 if s["ttft"]["p99"] and single_p99 else None
+            per_alpha[label] = {"p99_ttft_vs_single": None if ratio is None else round(ratio, 3),
+                                "meets_target": ratio is not None and ratio <= 2.0}
+        figures = {
+            "load_ms_warm_page_cache": ms_stats(warm), "load_ms_cold": ms_stats(cold),
+            "load_ms_full_host_tier_warm_page_cache": ms_stats(steady_warm),
+            "load_ms_full_host_tier_cold": ms_stats(steady_cold),
+            "load_target_ms": 10.0,
+            "meets_load_target": {k: statistics.median(v) * 1e3 <= 10.0 for k, v in load_times.items()},
+            "runs": {label: {"ttft_p50_ms": _ms(s["ttft"]["p50"]), "ttft_p99_ms": _ms(s["ttft"]["p99"]),
+                             "tpot_p50_ms": _ms(s["tpot"]["p50"]), "e2e_p99_ms": _ms(s["e2e"]["p99"]),
+                             "request_throughput": round(s["request_throughput"], 3),
+                             "output_token_throughput": round(s["output_token_throughput"], 2),
+                             "ok": s["ok"], "errors": s["errors"], "distinct_adapters": s["distinct_adapters"],
+                             "cache": metrics[label]}
+                     for label, s in summaries.items()},
+            "p99_ttft_target": "<= 2x single", "per_alpha": per_alpha,
+            "meets_ttft_target": all(v["meets_target"] for v in per_alpha.values()),
+            "loadtest_files": outputs.files, "loadtest_not_written": outputs.skipped + outputs.failed,
+        }
+    return report.complete(figures)
 
 
 def _ms(x: float | None) -> float | None:

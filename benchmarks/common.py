@@ -1,12 +1,14 @@
 """Shared pieces of the benchmarks: locally made models (no hub), timing helpers, JSON reports."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -82,10 +84,58 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
-def write_report(path: str | None, report: dict) -> None:
-    text = json.dumps(report, indent=2)
-    print(text)
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+#: Marks a report file that holds the measurements only (the step deriving the figures has not finished).
+PARTIAL = "measurements only: the figures derived from them are not computed yet"
+
+
+class ReportFile:
+    """A benchmark's JSON report, on disk from the moment its measurements exist.
+
+    :meth:`measured` writes the raw measurements (with ``"partial": PARTIAL``) as soon as they are taken (again
+    as more are taken); :meth:`guarded` wraps what follows, the computation of the figures or a later stage of
+    measurements, and when that fails says where the measurements are before the error propagates;
+    :meth:`complete` adds the figures, rewrites the file without ``partial`` and prints the report. Every write is atomic. Without ``path`` (no ``--out``) the report goes to
+    ``$ASPEN_HOME/bench/reports/NAME-<UTC time>.json``.
+    """
+
+    def __init__(self, benchmark: str, path: str | None) -> None:
+        self.benchmark = benchmark
+        self.path = path or os.path.join(bench_home(), "reports",
+                                         f"{benchmark}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+        self.fields: dict = {"benchmark": benchmark}
+
+    def measured(self, fields: dict) -> None:
+        self.fields.update(fields)
+        _write_json(self.path, {**self.fields, "partial": PARTIAL})
+        print(f"{self.benchmark}: measurements written to {self.path}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as e:
+            print(f"{self.benchmark}: failed after its measurements were written to {self.path} "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
+            raise
+
+    def complete(self, fields: dict) -> dict:
+        """Add the derived ``fields``, write the whole report and print it; returns the report."""
+        self.fields.update(fields)
+        _write_json(self.path, self.fields)
+        print(json.dumps(self.fields, indent=2))
+        return dict(self.fields)
+
+
+def _write_json(path: str, report: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -19,7 +19,7 @@ import torch
 import aspen
 from aspen.model.batch import SeqChunk
 from aspen.model.packed_linear import backend_of
-from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
+from benchmarks.common import ReportFile, bench_model, best, device_name, interleaved, median
 
 
 def matmul_params(model) -> int:
@@ -83,20 +83,25 @@ def main(argv: list[str] | None = None) -> dict:
         sync()
 
     t_step, t_gemm = interleaved(step, gemm, args.repeats)
-    achieved = 2 * params * args.rows / best(t_step) / 1e9
-    peak = 2 * n ** 3 / best(t_gemm) / 1e9
-    report = {
-        "benchmark": "compute_efficiency", "shape": shape, "device": device_name(args.device), "dtype": "float32",
+    report = ReportFile("compute_efficiency", args.out)
+    report.measured({
+        "shape": shape, "device": device_name(args.device), "dtype": "float32",
         "decode_rows": args.rows, "context": args.context, "matmul_params": params, "gemm_n": n,
-        "repeats": args.repeats, "packed_gemm_layers": packed, "packed_backend": backend_of(model.model), "step_ms_best": round(best(t_step) * 1e3, 2),
-        "step_ms_median": round(median(t_step) * 1e3, 2), "gemm_ms_best": round(best(t_gemm) * 1e3, 2),
-        "achieved_gflops": round(achieved, 2), "peak_gemm_gflops": round(peak, 2),
-        "achieved_gflops_median": round(2 * params * args.rows / median(t_step) / 1e9, 2),
-        "peak_gemm_gflops_median": round(2 * n ** 3 / median(t_gemm) / 1e9, 2),
-        "fraction_of_peak": round(achieved / peak, 3),
-    }
-    write_report(args.out, report)
-    return report
+        "repeats": args.repeats, "packed_gemm_layers": packed, "packed_backend": backend_of(model.model),
+        "step_ms": [round(t * 1e3, 3) for t in t_step], "gemm_ms": [round(t * 1e3, 3) for t in t_gemm],
+    })
+    with report.guarded():
+        achieved = 2 * params * args.rows / best(t_step) / 1e9
+        peak = 2 * n ** 3 / best(t_gemm) / 1e9
+        figures = {
+            "step_ms_best": round(best(t_step) * 1e3, 2),
+            "step_ms_median": round(median(t_step) * 1e3, 2), "gemm_ms_best": round(best(t_gemm) * 1e3, 2),
+            "achieved_gflops": round(achieved, 2), "peak_gemm_gflops": round(peak, 2),
+            "achieved_gflops_median": round(2 * params * args.rows / median(t_step) / 1e9, 2),
+            "peak_gemm_gflops_median": round(2 * n ** 3 / median(t_gemm) / 1e9, 2),
+            "fraction_of_peak": round(achieved / peak, 3),
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from benchmarks.common import bench_home, bench_model, best, device_name, interleaved, median, write_report
+from benchmarks.common import ReportFile, bench_home, bench_model, best, device_name, interleaved, median
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -90,22 +90,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     load0 = machine()
     t_base, t_lora = interleaved(run_base, run_lora, args.repeats)
+    report = ReportFile("engine_lora", args.out)
     tokens = useful_tokens(reqs)
-    ratio = best(t_base) / best(t_lora)  # tokens/s of LoRA over tokens/s of base
-    report = {
-        "benchmark": "engine_lora", "shape": shape, "device": device_name(args.device), "requests": n,
+    report.measured({
+        "shape": shape, "device": device_name(args.device), "requests": n,
         "distinct_adapters": n, "rank": args.rank, "targets": list(ALL), "output_len": out_len,
         "adapter_dtype": args.adapter_dtype,
         "tokens_per_run": tokens, "repeats": args.repeats,
         "base_seconds": [round(t, 3) for t in t_base], "lora_seconds": [round(t, 3) for t in t_lora],
-        "base_tok_s": round(tokens / best(t_base), 2), "lora_tok_s": round(tokens / best(t_lora), 2),
-        "lora_over_base_tok_s": round(ratio, 3),
-        "lora_over_base_tok_s_median": round(median(t_base) / median(t_lora), 3),
-        "target": ">= 0.90", "meets_target": ratio >= 0.90,
         "machine_before": load0, "machine_after": machine(),
-    }
-    write_report(args.out, report)
-    return report
+    })
+    with report.guarded():
+        ratio = best(t_base) / best(t_lora)  # tokens/s of LoRA over tokens/s of base
+        figures = {
+            "base_tok_s": round(tokens / best(t_base), 2), "lora_tok_s": round(tokens / best(t_lora), 2),
+            "lora_over_base_tok_s": round(ratio, 3),
+            "lora_over_base_tok_s_median": round(median(t_base) / median(t_lora), 3),
+            "target": ">= 0.90", "meets_target": ratio >= 0.90,
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from aspen.lora.peft.writer import random_adapter
 from aspen.model.batch import SeqChunk
 from aspen.model.config import LORA_TARGETS
 from aspen.model.packed_linear import backend_of
-from benchmarks.common import bench_model, best, device_name, interleaved, median, write_report
+from benchmarks.common import ReportFile, bench_model, best, device_name, interleaved, median
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,22 +94,28 @@ def main(argv: list[str] | None = None) -> dict:
         sync()
 
     t_base, t_lora = interleaved(base_step, lora_step, args.repeats)
-    ratio = best(t_lora) / best(t_base)
-    report = {
-        "benchmark": "lora_overhead", "shape": args.shape, "device": device_name(args.device),
+    report = ReportFile("lora_overhead", args.out)
+    report.measured({
+        "shape": args.shape, "device": device_name(args.device),
         "rows": args.rows, "distinct_adapters": args.adapters, "rank": args.rank, "targets": list(LORA_TARGETS),
         "phase": args.phase, "context": args.context, "repeats": args.repeats,
         "prompt_tokens": sum(len(c.token_ids) for c in lora_chunks) if args.phase == "prefill" else None,
         "short_prefill_tokens": aspen.lora.op.short_prefill_tokens(),
-        "base_step_ms_best": round(best(t_base) * 1e3, 2), "lora_step_ms_best": round(best(t_lora) * 1e3, 2),
-        "base_step_ms_median": round(median(t_base) * 1e3, 2), "lora_step_ms_median": round(median(t_lora) * 1e3, 2),
-        "lora_over_base": round(ratio, 3), "lora_over_base_median": round(median(t_lora) / median(t_base), 3),
-        "target": "<= 1.10" if args.phase == "decode" else None,
-        "meets_target": ratio <= 1.10 if args.phase == "decode" else None,
-        "packed_gemm_layers": packed, "packed_backend": backend_of(model.model), "pool_mib": round(pool.nbytes / 2**20, 1), "adapter_dtype": str(pool.data.dtype).removeprefix("torch."),
-    }
-    write_report(args.out, report)
-    return report
+        "base_step_ms": [round(t * 1e3, 3) for t in t_base], "lora_step_ms": [round(t * 1e3, 3) for t in t_lora],
+        "packed_gemm_layers": packed, "packed_backend": backend_of(model.model),
+        "pool_mib": round(pool.nbytes / 2**20, 1), "adapter_dtype": str(pool.data.dtype).removeprefix("torch."),
+    })
+    with report.guarded():
+        ratio = best(t_lora) / best(t_base)
+        figures = {
+            "base_step_ms_best": round(best(t_base) * 1e3, 2), "lora_step_ms_best": round(best(t_lora) * 1e3, 2),
+            "base_step_ms_median": round(median(t_base) * 1e3, 2),
+            "lora_step_ms_median": round(median(t_lora) * 1e3, 2),
+            "lora_over_base": round(ratio, 3), "lora_over_base_median": round(median(t_lora) / median(t_base), 3),
+            "target": "<= 1.10" if args.phase == "decode" else None,
+            "meets_target": ratio <= 1.10 if args.phase == "decode" else None,
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":

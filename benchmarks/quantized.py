@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.common import bench_model, best, device_name, median, write_report
+from benchmarks.common import ReportFile, bench_model, best, device_name, median
 
 
 def projection_bytes(llm) -> tuple[int, int]:
@@ -73,20 +73,25 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeats):
         for m, llm in engines.items():
             times[m].append(timed(lambda llm=llm: engine_generate(llm, reqs), args.device))
+    report = ReportFile("quantized", args.out)
     tokens = useful_tokens(reqs)
-    fp32 = tokens / best(times["none"])
-    results = {}
-    for m in modes:
-        tok_s = tokens / best(times[m])
-        results[m] = {**memory[m], "seconds": [round(t, 3) for t in times[m]], "tok_s": round(tok_s, 2),
-                      "tok_s_median": round(tokens / median(times[m]), 2),
-                      "throughput_vs_fp32": round(tok_s / fp32, 3),
-                      "memory_vs_fp32": round(memory[m]["bytes_per_param"] / memory["none"]["bytes_per_param"], 4)}
-    report = {"benchmark": "quantized", "shape": shape, "device": device_name(args.device),
-              "requests": len(reqs), "output_len": out_len, "prompt_len": plen, "tokens_per_run": tokens,
-              "repeats": args.repeats, "modes": results, "machine_before": load0, "machine_after": machine()}
-    write_report(args.out, report)
-    return report
+    report.measured({
+        "shape": shape, "device": device_name(args.device), "requests": len(reqs), "output_len": out_len,
+        "prompt_len": plen, "tokens_per_run": tokens, "repeats": args.repeats,
+        "modes": {m: {**memory[m], "seconds": [round(t, 3) for t in times[m]]} for m in modes},
+        "machine_before": load0, "machine_after": machine(),
+    })
+    with report.guarded():
+        fp32 = tokens / best(times["none"])
+        results = {}
+        for m in modes:
+            tok_s = tokens / best(times[m])
+            results[m] = {**memory[m], "seconds": [round(t, 3) for t in times[m]], "tok_s": round(tok_s, 2),
+                          "tok_s_median": round(tokens / median(times[m]), 2),
+                          "throughput_vs_fp32": round(tok_s / fp32, 3),
+                          "memory_vs_fp32": round(memory[m]["bytes_per_param"] / memory["none"]["bytes_per_param"],
+                                                  4)}
+    return report.complete({"modes": results})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from benchmarks.common import bench_home, bench_model, device_name, write_report
+from benchmarks.common import ReportFile, bench_home, bench_model, device_name
+from benchmarks.extras import require, run_as_script
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -151,6 +152,7 @@ def best_run(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    require("train_fused")  # before anything is built
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a quick run on the tiny model shape")
     ap.add_argument("--device", default="cpu")
@@ -193,29 +195,33 @@ def main(argv: list[str] | None = None) -> dict | None:
     for _ in range(args.rounds):  # rounds alternate the systems, so machine noise hits both alike
         for role in roles:
             runs[role].append(run_worker(argv, role))
-    fused, *peft = [best_run(runs[role]) for role in roles]
-    peft_seconds = sum(p["seconds"] for p in peft)
-    peft_tokens = sum(p["tokens"] for p in peft)
-    fused_tps = fused["tokens"] / fused["seconds"]
-    peft_tps = peft_tokens / peft_seconds
-    mem_key = "peak_gpu_mb" if args.device.startswith("cuda") else "peak_rss_mb"
-    peft_mem = sum(p[mem_key] for p in peft)
-    report = {
-        "benchmark": "train_fused", "shape": shape, "device": device_name(args.device),
+    report = ReportFile("train_fused", args.out)
+    report.measured({
+        "shape": shape, "device": device_name(args.device),
         "command": "python -m benchmarks.train_fused " + " ".join(argv),
         "setup": {"rounds": args.rounds, "adapters": args.adapters, "rank": args.rank, "targets": ALL7, "dropout": 0.05,
                   "optimizer_steps_per_adapter": args.steps, "batch_size": args.batch_size,
                   "micro_batch_size": args.micro_batch_size, "cutoff_len": args.cutoff_len},
-        "fused": {**fused, "tokens_per_s": fused_tps},
-        "peft_sequential": {"runs": peft, "seconds": peft_seconds, "tokens": peft_tokens, "tokens_per_s": peft_tps,
-                            f"{mem_key}_sum_of_{args.adapters}_processes": peft_mem},
-        "tokens_per_s_ratio": fused_tps / peft_tps,
-        "peak_memory_ratio": fused[mem_key] / peft_mem, "memory_measure": mem_key,
-        "targets": {"tokens_per_s_ratio": ">= 1.3", "peak_memory_ratio": "<= 0.5"},
-    }
-    write_report(args.out, report)
-    return report
+        "all_runs": runs,
+    })
+    with report.guarded():
+        fused, *peft = [best_run(runs[role]) for role in roles]
+        peft_seconds = sum(p["seconds"] for p in peft)
+        peft_tokens = sum(p["tokens"] for p in peft)
+        fused_tps = fused["tokens"] / fused["seconds"]
+        peft_tps = peft_tokens / peft_seconds
+        mem_key = "peak_gpu_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+        peft_mem = sum(p[mem_key] for p in peft)
+        figures = {
+            "fused": {**fused, "tokens_per_s": fused_tps},
+            "peft_sequential": {"runs": peft, "seconds": peft_seconds, "tokens": peft_tokens,
+                                "tokens_per_s": peft_tps, f"{mem_key}_sum_of_{args.adapters}_processes": peft_mem},
+            "tokens_per_s_ratio": fused_tps / peft_tps,
+            "peak_memory_ratio": fused[mem_key] / peft_mem, "memory_measure": mem_key,
+            "targets": {"tokens_per_s_ratio": ">= 1.3", "peak_memory_ratio": "<= 0.5"},
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script("train_fused", main)

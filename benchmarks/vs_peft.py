@@ -22,7 +22,8 @@ system; one small warm-up each; ``--repeats`` timed runs each (default 1: the ba
 """
 from __future__ import annotations
 
-from benchmarks.common import best, device_name, median, write_report
+from benchmarks.common import ReportFile, best, device_name, median
+from benchmarks.extras import require, run_as_script
 
 
 def load_peft(path: str, adapter_dirs: list[str], names: list[str], device: str):
@@ -38,6 +39,7 @@ def load_peft(path: str, adapter_dirs: list[str], names: list[str], device: str)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    require("vs_peft")  # before anything is built
     import os
 
     from aspen.lora.peft.synthetic import adapter_name
@@ -93,27 +95,30 @@ def main(argv: list[str] | None = None) -> dict:
         t_ours.append(timed(lambda: engine_generate(llm, reqs, ids), args.device))
         t_mixed.append(timed(run_mixed, args.device))
         t_one.append(timed(run_one_at_a_time, args.device))
+    report = ReportFile("vs_peft", args.out)
     tokens = useful_tokens(reqs)
-    ours, mixed, one = (tokens / best(t) for t in (t_ours, t_mixed, t_one))
-    vs_mixed, vs_one = ours / mixed, ours / one
-    report = {
-        "benchmark": "vs_peft", "shape": shape, "device": device_name(args.device), "requests": len(reqs),
+    report.measured({
+        "shape": shape, "device": device_name(args.device), "requests": len(reqs),
         "distinct_adapters": n, "rank": args.rank, "targets": "all seven projections", "hf_batch_size": bs,
         "useful_tokens": tokens, "peft_mixed_computed_tokens": computed["mixed"],
         "peft_one_at_a_time_computed_tokens": computed["one_at_a_time"], "repeats": args.repeats,
         "engine_seconds": [round(t, 3) for t in t_ours], "peft_mixed_seconds": [round(t, 3) for t in t_mixed],
         "peft_one_at_a_time_seconds": [round(t, 3) for t in t_one],
-        "engine_tok_s": round(ours, 2), "peft_mixed_tok_s": round(mixed, 2),
-        "peft_one_at_a_time_tok_s": round(one, 2),
-        "engine_tok_s_median": round(tokens / median(t_ours), 2),
-        "speedup_vs_mixed": round(vs_mixed, 3), "speedup_vs_one_at_a_time": round(vs_one, 3),
-        "target_vs_mixed": ">= 3", "target_vs_one_at_a_time": ">= 10",
-        "meets_target_vs_mixed": vs_mixed >= 3, "meets_target_vs_one_at_a_time": vs_one >= 10,
         "machine_before": load0, "machine_after": machine(),
-    }
-    write_report(args.out, report)
-    return report
+    })
+    with report.guarded():
+        ours, mixed, one = (tokens / best(t) for t in (t_ours, t_mixed, t_one))
+        vs_mixed, vs_one = ours / mixed, ours / one
+        figures = {
+            "engine_tok_s": round(ours, 2), "peft_mixed_tok_s": round(mixed, 2),
+            "peft_one_at_a_time_tok_s": round(one, 2),
+            "engine_tok_s_median": round(tokens / median(t_ours), 2),
+            "speedup_vs_mixed": round(vs_mixed, 3), "speedup_vs_one_at_a_time": round(vs_one, 3),
+            "target_vs_mixed": ">= 3", "target_vs_one_at_a_time": ">= 10",
+            "meets_target_vs_mixed": vs_mixed >= 3, "meets_target_vs_one_at_a_time": vs_one >= 10,
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_as_script("vs_peft", main)

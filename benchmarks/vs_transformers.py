@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import bench_model, best, device_name, median, write_report
+from benchmarks.common import ReportFile, bench_model, best, device_name, median
 
 
 @dataclass(frozen=True)
@@ -176,22 +176,25 @@ def main(argv: list[str] | None = None) -> dict:
                 computed += hf_generate(hf, b, pad, args.device)
 
         t_hf.append(timed(run_hf, args.device))
+    report = ReportFile("vs_transformers", args.out)
     tokens = useful_tokens(reqs)
-    ours, theirs = tokens / best(t_ours), tokens / best(t_hf)
-    ratio = ours / theirs
-    report = {
-        "benchmark": "vs_transformers", "shape": "tiny" if args.tiny else "125m", "device": device_name(args.device),
+    report.measured({
+        "shape": "tiny" if args.tiny else "125m", "device": device_name(args.device),
         "requests": len(reqs), "hf_batch_size": bs, "useful_tokens": tokens, "hf_computed_tokens": computed,
         "repeats": args.repeats, "engine_seconds": [round(t, 3) for t in t_ours],
         "transformers_seconds": [round(t, 3) for t in t_hf],
-        "engine_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2),
-        "engine_tok_s_median": round(tokens / median(t_ours), 2),
-        "transformers_tok_s_median": round(tokens / median(t_hf), 2),
-        "speedup": round(ratio, 3), "target": ">= 1.2", "meets_target": ratio >= 1.2,
         "machine_before": load0, "machine_after": machine(),
-    }
-    write_report(args.out, report)
-    return report
+    })
+    with report.guarded():
+        ours, theirs = tokens / best(t_ours), tokens / best(t_hf)
+        ratio = ours / theirs
+        figures = {
+            "engine_tok_s": round(ours, 2), "transformers_tok_s": round(theirs, 2),
+            "engine_tok_s_median": round(tokens / median(t_ours), 2),
+            "transformers_tok_s_median": round(tokens / median(t_hf), 2),
+            "speedup": round(ratio, 3), "target": ">= 1.2", "meets_target": ratio >= 1.2,
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":
