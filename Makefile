@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install serve demo test test-slow soak bench lint clean proto
+.PHONY: install serve demo test wheel-smoke test-slow soak bench lint clean proto
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,9 +24,14 @@ serve: install
 demo: install
 	$(BIN)/aspen demo
 
-## The whole fast suite (what CI runs).
+## The whole fast suite (what CI runs first).
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## The wheel as a user installs it: built from this checkout, installed without extras into a fresh virtualenv,
+## every documented command run from outside the source tree (CI runs it after `make test`).
+wheel-smoke: install
+	PY="$(PY)" BUILD_PY="$(BIN)/python" TORCH_SPEC="$(TORCH_SPEC)" bash .ci/wheel_smoke.sh
 
 ## Long checks marked `slow`.
 test-slow soak: install
