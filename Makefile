@@ -40,9 +40,10 @@ test-slow soak: install
 lint: install
 	$(BIN)/ruff check aspen engine clients tests benchmarks
 
-## Regenerate the gRPC stubs next to the wire contract, clients/aspen/v1/aspen.proto.
+## Regenerate the gRPC stubs (clients/aspen/v1) from the wire contract, proto/aspen/v1/aspen.proto.
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. clients/aspen/v1/aspen.proto
+	$(BIN)/python -m grpc_tools.protoc -Iclients=proto --python_out=. --grpc_python_out=. --pyi_out=. \
+		proto/aspen/v1/aspen.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

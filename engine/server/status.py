@@ -2,7 +2,7 @@
 bearer-token interceptor that answers UNAUTHENTICATED.
 
 Every error a client can cause is mapped explicitly (see :func:`status_for_exception`); the codes and their
-details are documented at the top of ``clients/aspen/v1/aspen.proto``. Anything unexpected becomes ``INTERNAL``
+details are documented at the top of ``proto/aspen/v1/aspen.proto``. Anything unexpected becomes ``INTERNAL``
 with a generic message: the exception and its traceback go to the server log, never to the client.
 
 Clients decode the details with ``grpc_status.rpc_status.from_call(call)`` and unpack the ``Any`` entries into

@@ -9,7 +9,7 @@ from grpc_status import rpc_status
 
 from clients.aspen.v1 import aspen_pb2 as pb
 
-#: Status codes a client may get for its own input (clients/aspen/v1/aspen.proto, the table at the top).
+#: Status codes a client may get for its own input (proto/aspen/v1/aspen.proto, the table at the top).
 CLIENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
                           grpc.StatusCode.RESOURCE_EXHAUSTED})

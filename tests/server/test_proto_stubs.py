@@ -1,4 +1,4 @@
-"""The committed gRPC stubs in clients/aspen/v1 match clients/aspen/v1/aspen.proto (regenerate with `make proto`)."""
+"""The committed gRPC stubs in clients/aspen/v1 match proto/aspen/v1/aspen.proto (regenerate with `make proto`)."""
 from __future__ import annotations
 
 import os
@@ -14,8 +14,8 @@ STUBS = ("aspen_pb2.py", "aspen_pb2_grpc.py", "aspen_pb2.pyi")
 
 def test_committed_stubs_match_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--python_out={tmp_path}",
-           f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "clients/aspen/v1/aspen.proto"]
+    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-Iclients=proto", f"--python_out={tmp_path}",
+           f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", "proto/aspen/v1/aspen.proto"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     stale = []
     for name in STUBS:
