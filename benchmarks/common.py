@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from clients.loadtest.report import write_json  # atomic: a reader never sees a half-written report
+
 # The 12-layer, hidden-768 Llama-shaped model (about 125M parameters) the benchmarks measure on.
 SHAPES = {
     "125m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -106,7 +108,7 @@ class ReportFile:
 
     def measured(self, fields: dict) -> None:
         self.fields.update(fields)
-        _write_json(self.path, {**self.fields, "partial": PARTIAL})
+        write_json(self.path, {**self.fields, "partial": PARTIAL})
         print(f"{self.benchmark}: measurements written to {self.path}", file=sys.stderr)
 
     @contextlib.contextmanager
@@ -121,21 +123,7 @@ class ReportFile:
     def complete(self, fields: dict) -> dict:
         """Add the derived ``fields``, write the whole report and print it; returns the report."""
         self.fields.update(fields)
-        _write_json(self.path, self.fields)
+        write_json(self.path, self.fields)
         print(json.dumps(self.fields, indent=2))
         return dict(self.fields)
 
-
-def _write_json(path: str, report: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
