@@ -19,7 +19,7 @@ __version__ = "0.1.0"  # the one place the version lives: setup.cfg, `aspen --ve
 
 def load_model(path: str, dtype: str = "float32", quantize: str | None = None, device: str = "cpu",
                progress: bool = True) -> LanguageModel:
-    """Load a local Hugging Face checkpoint; see :func:`aspen.language_model.load_model`."""
+    """Load a local Hugging Face checkpoint directory or GGUF file; see :func:`aspen.language_model.load_model`."""
     from aspen.language_model import load_model as _load
 
     return _load(path, dtype=dtype, quantize=quantize, device=device, progress=progress)

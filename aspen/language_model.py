@@ -15,6 +15,8 @@ from aspen.lora.pool import LoraPool, PooledAdapter, pages_needed
 from aspen.model.batch import LOGITS_ALL, FlatBatch, SeqChunk
 from aspen.model.config import ModelConfig
 from aspen.model.decoder import DecoderModel, LoraHook
+from aspen.model.gguf import is_gguf_file
+from aspen.model.gguf_cache import GGUFCheckpoint
 from aspen.model.kv_cache import KVCache
 from aspen.model.loader import build_model
 from aspen.model.quantize import check_mode, quantize_model
@@ -154,20 +156,29 @@ class LanguageModel:
 
 def load_model(path: str, dtype: str | torch.dtype = "float32", quantize: str | None = None,
                device: str | torch.device = "cpu", progress: bool = True) -> LanguageModel:
-    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer).
+    """Load a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer) or a GGUF file.
 
-    Once the checkpoint's config has been read, the C++ extensions the model will use start building (or loading
-    from the build cache) on background threads, beside the weight load; :meth:`LanguageModel.build_kernels`
-    waits for them."""
+    A GGUF file of a supported family is converted once into a checkpoint directory under ``$ASPEN_HOME/gguf``
+    (weights dequantized to ``dtype``; config and tokenizer, chat template included, from its metadata) and
+    loaded from there; ``LanguageModel.path`` stays the file, which is also the base model name adapters are
+    checked against. Once the source has been checked (a directory's config, a GGUF file's header), the C++
+    extensions the model will use start building (or loading from the build cache) on background threads, beside
+    the conversion and the weight load; :meth:`LanguageModel.build_kernels` waits for them."""
     torch_dtype = parse_dtype(dtype)
     mode = check_mode(quantize)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
     path = os.path.abspath(os.path.expanduser(path))
-    ModelConfig.from_dir(path)  # a wrong directory fails here, before any build starts
+    gguf = GGUFCheckpoint(path, torch_dtype, progress) if is_gguf_file(path) else None
+    if gguf is not None:
+        gguf.check()  # an unsupported file fails here, before any build starts
+    else:
+        ModelConfig.from_dir(path)  # a wrong directory fails here, before any build starts
     start_build(extensions_for(dev.type, packed_gemm=torch_dtype == torch.float32))
-    model = build_model(path, dtype=torch_dtype, device=dev, progress=progress)
+    checkpoint = gguf.materialize() if gguf is not None else path
+    model = build_model(checkpoint, dtype=torch_dtype, device=dev, progress=progress,
+                        name_or_path=path if gguf is not None else None)
     model = quantize_model(model, mode)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(checkpoint)
     return LanguageModel(model, tokenizer, path, torch_dtype, mode, dev)

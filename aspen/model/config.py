@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aspen.errors import CheckpointError
+from aspen.model.gguf import is_gguf_file
 
 # architectures string -> family name. Each family differs only in flags below.
 ARCHITECTURES = {
@@ -157,7 +158,7 @@ class ModelConfig:
     def from_dir(cls, path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
-            raise CheckpointError(f"model path {path!r} is not a directory")
+            raise CheckpointError(f"model path {path!r} is not a directory{_what_file(path)}")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"checkpoint {path!r} has no config.json")
         try:
@@ -166,6 +167,14 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
         return cls.from_hf_dict(cfg, name_or_path=cfg.get("_name_or_path") or os.path.abspath(path))
+
+
+def _what_file(path: str) -> str:
+    if is_gguf_file(path):
+        return " but a GGUF file (aspen.load_model converts it to a checkpoint directory)"
+    if os.path.isfile(path):
+        return " but a file that is not a GGUF file either; expected a checkpoint directory or a .gguf file"
+    return ""
 
 
 def _refuse_unsupported(cfg: dict[str, Any], family: str) -> None:

@@ -1,4 +1,5 @@
-"""Build a :class:`~aspen.model.decoder.DecoderModel` from a local Hugging Face checkpoint directory.
+"""Build a :class:`~aspen.model.decoder.DecoderModel` from a local Hugging Face checkpoint directory (a GGUF file
+is converted to one first: :mod:`aspen.model.gguf_cache`).
 
 The model is constructed on the meta device, given uninitialised storage once (``to_empty``), and every tensor
 streams from the safetensors shards straight into its place (its slice, for packed projections): nothing is
@@ -7,6 +8,7 @@ that names it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -105,8 +107,12 @@ def load_weights(model: DecoderModel, path: str, progress: bool = True) -> None:
 
 
 def build_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                progress: bool = True) -> DecoderModel:
+                progress: bool = True, name_or_path: str | None = None) -> DecoderModel:
+    """The model of the checkpoint directory ``path``; ``name_or_path`` (default: the config's) is the base model
+    name adapters are checked against."""
     config = ModelConfig.from_dir(path)
+    if name_or_path:
+        config = dataclasses.replace(config, name_or_path=name_or_path)
     with torch.device("meta"):
         model = DecoderModel(config)
     model = model.to(dtype).to_empty(device=device)  # one allocation, in the target dtype
