@@ -61,7 +61,10 @@ def file_digest(path: str, progress: bool = True) -> str:
             h.update(chunk)
             bar.update(len(chunk))
     digest = h.hexdigest()
-    _write_json(memo, {"stamp": stamp, "sha256": digest})
+    try:
+        _write_json(memo, {"stamp": stamp, "sha256": digest})
+    except OSError as e:  # a read-only cache still serves the conversions it holds
+        log.warning("could not remember the digest of %s in %s (%s)", real, memo, e)
     return digest
 
 
