@@ -31,7 +31,7 @@ AfterSave = Callable[[str, str], None]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="training config (YAML or JSON; ours or the ASPEN format)")
-    p.add_argument("--base-model", default=None, help="base checkpoint directory (overrides the config's)")
+    p.add_argument("--base-model", default=None, help="base checkpoint directory or .gguf file (overrides the config's)")
     p.add_argument("--quantize", default=None, choices=QUANT_MODES,
                    help="quantize the frozen base (overrides the config's)")
     p.add_argument("--server", default=None, metavar="HOST:PORT",

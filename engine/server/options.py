@@ -19,7 +19,7 @@ NETWORK = "network"
 class ServerOptions:
     """Everything ``aspen serve`` configures; checked on construction."""
 
-    model: str = setting("demo", help="base checkpoint directory, or 'demo' (the embedded demo model)",
+    model: str = setting("demo", help="base checkpoint directory, a .gguf file, or 'demo' (the embedded demo model)",
                          group=MODEL)
     adapter_dir: str | None = setting(None, help="adapter root: adapter ids are paths below it (default for "
                                                  "--model demo: $ASPEN_HOME/demo/adapters; otherwise no adapters)",
