@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -134,6 +135,9 @@ def test_cancel_and_deadline_abort_in_engine(served, client, monkeypatch):
     llm, aborted = served.server.engine, []
     real_abort = llm.abort
     monkeypatch.setattr(llm, "abort", lambda rid: (aborted.append(rid), real_abort(rid))[1])
+    real_run = llm.runner.run
+    # at least 5 ms a step, so a LONG stream outlasts the 0.5 s deadlines below however fast the machine is
+    monkeypatch.setattr(llm.runner, "run", lambda *a, **k: (time.sleep(0.005), real_run(*a, **k))[1])
     stream = client.generation.GenerateStream(build_request("Tom took the red ball", "a1", "cancel-me", **LONG),
                                               timeout=30)
     assert next(stream).token_ids and next(stream).token_ids
