@@ -107,8 +107,16 @@ class EngineConfig:
     :class:`Setting`, checked on construction."""
 
     block_size: int = setting(16, help="tokens per KV block", minimum=1)
-    kv_cache_bytes: int = setting(256 * MiB, help="KV cache size (used unless num_kv_blocks is set)",
-                                  flag="--kv-cache-mb", unit="MiB", minimum=1)
+    # 0.5 of the memory left after loading the model: on a 24 GiB CPU machine the 125M Llama shape then gets
+    # 64 rank-16 all-projection adapters in the device pool and over 100k tokens of KV at a 2048-token context;
+    # the other half stays for activations, the tokenizer, the page cache and other processes
+    memory_utilization: float = setting(0.5, help="share of the memory available once the model is loaded (free "
+                                                  "GPU memory on CUDA) that the KV pool, the device adapter pool "
+                                                  "and the host adapter tier may take together; explicit sizes "
+                                                  "win (split rule: engine.capacity)", minimum=0.001)
+    kv_cache_bytes: int | None = setting(None, help="KV cache size (default: derived from "
+                                                    "--memory-utilization; used unless num_kv_blocks is set)",
+                                         flag="--kv-cache-mb", unit="MiB", minimum=1)
     num_kv_blocks: int | None = setting(None, help="KV cache size in blocks (overrides --kv-cache-mb)", minimum=1)
     max_num_seqs: int = setting(64, help="sequences per step", minimum=1)
     max_num_batched_tokens: int = setting(2048, help="tokens per step (prefill chunks + decodes)", minimum=1)
@@ -118,14 +126,15 @@ class EngineConfig:
                                                      "prompt prefix)", flag="--no-prefix-caching")
     chunked_prefill: bool = setting(True, help="chunked prefill (a long prompt is prefilled over several steps, "
                                                "batched with decodes)")
-    lora_pool_bytes: int = setting(256 * MiB, help="device pool for resident adapters (used unless "
-                                                   "lora_pool_pages is set)", flag="--lora-pool-mb", unit="MiB",
-                                   minimum=1)
+    lora_pool_bytes: int | None = setting(None, help="device pool for resident adapters (default: derived from "
+                                                     "--memory-utilization; used unless lora_pool_pages is set)",
+                                          flag="--lora-pool-mb", unit="MiB", minimum=1)
     lora_pool_pages: int | None = setting(None, help="device adapter pool in pages (overrides --lora-pool-mb)",
                                           minimum=1)
-    host_adapter_bytes: int = setting(2048 * MiB, help="host-memory tier of the adapter cache (resident memory: "
-                                                       "adapters are read into private buffers, not mapped)",
-                                      flag="--host-adapter-mb", unit="MiB", minimum=1)
+    host_adapter_bytes: int | None = setting(None, help="host-memory tier of the adapter cache (default: "
+                                                        "derived from --memory-utilization; resident memory: "
+                                                        "adapters are read into private buffers, not mapped)",
+                                             flag="--host-adapter-mb", unit="MiB", minimum=1)
     max_waiting: int = setting(0, help="waiting-queue cap; beyond it a request is refused (QueueFullError; the "
                                        "server answers RESOURCE_EXHAUSTED); 0 = unbounded", flag="--max-queue",
                                minimum=0)
@@ -148,6 +157,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.memory_utilization > 1:
+            raise ValueError(f"EngineConfig.memory_utilization must be a number in (0, 1], got "
+                             f"{self.memory_utilization!r}")
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         """The scheduler's view of this config: every field the two share, by name, plus ``max_model_len``, the

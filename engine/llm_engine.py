@@ -23,6 +23,7 @@ from aspen.errors import AdapterNotFoundError, AdapterPathError
 from aspen.language_model import parse_dtype
 from aspen.lora.pool import LoraPool
 from aspen.model.kv_cache import KVCache
+from engine import capacity
 from engine.adapters.cache import AdapterCache, AdapterInfo
 from engine.adapters.paths import list_adapter_dirs
 from engine.config import EngineConfig
@@ -67,21 +68,17 @@ class LLMEngine:
         mc = self.model.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer) * PROMPT_CHARS_SLACK
-        num_blocks = cfg.num_kv_blocks or cfg.kv_cache_bytes // KVCache.bytes_per_block(
-            mc, cfg.block_size, self.model.dtype)
-        if num_blocks * cfg.block_size < self.max_model_len:
-            raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than max_model_len="
-                             f"{self.max_model_len}: raise kv_cache_bytes/num_kv_blocks or lower max_model_len")
         pool_dtype = self.model.dtype if cfg.adapter_dtype == "auto" else parse_dtype(cfg.adapter_dtype)
-        pages = cfg.lora_pool_pages or max(1, cfg.lora_pool_bytes // LoraPool.bytes_per_page(mc, pool_dtype))
-        pool = LoraPool(mc, pages, dtype=pool_dtype, device=self.model.device)
         self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
         if self.adapter_dir is not None and not os.path.isdir(self.adapter_dir):
             raise AdapterNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
+        self.capacity = self._plan_capacity(pool_dtype)
+        num_blocks, pages = self.capacity.kv_blocks, self.capacity.pool_pages
+        pool = LoraPool(mc, pages, dtype=pool_dtype, device=self.model.device)
         self.adapter_cache: AdapterCache | None = None
         if self.adapter_dir is not None:
             backend = LoraBackend(self.model, pool, allow_pickle=cfg.allow_pickle_adapters)
-            self.adapter_cache = AdapterCache(self.adapter_dir, backend, cfg.host_adapter_bytes, pages)
+            self.adapter_cache = AdapterCache(self.adapter_dir, backend, self.capacity.host_bytes, pages)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler_config(self.max_model_len), self.block_manager, self.adapter_cache)
         kv = self.model.new_kv_cache(num_blocks, cfg.block_size)
@@ -90,6 +87,31 @@ class LLMEngine:
         self._commands: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()  # guards _commands and _states membership
         self._step_lock = threading.Lock()  # one step at a time
+
+    def _plan_capacity(self, pool_dtype) -> capacity.Capacity:
+        """Size the KV pool, device adapter pool and host tier (explicit options win, the rest from
+        ``memory_utilization``: see :mod:`engine.capacity`) and log the capacity in user terms."""
+        cfg, mc = self.config, self.model.config
+        bpb = KVCache.bytes_per_block(mc, cfg.block_size, self.model.dtype)
+        page = LoraPool.bytes_per_page(mc, pool_dtype)
+        adapter_pages, shape = capacity.largest_adapter_pages(self.adapter_dir, mc)
+        explicit_pages = cfg.lora_pool_pages or (max(1, cfg.lora_pool_bytes // page) if cfg.lora_pool_bytes
+                                                 else None)
+        derived = cfg.num_kv_blocks is None and cfg.kv_cache_bytes is None or explicit_pages is None or (
+            self.adapter_dir is not None and cfg.host_adapter_bytes is None)
+        plan = capacity.plan_capacity(capacity.CapacityRequest(
+            available_bytes=capacity.available_memory(self.model.device) if derived else 0,
+            utilization=cfg.memory_utilization, kv_bytes_per_block=bpb, block_size=cfg.block_size,
+            page_bytes=page, adapter_pages=adapter_pages, max_num_seqs=cfg.max_num_seqs,
+            max_model_len=self.max_model_len, adapters=self.adapter_dir is not None,
+            kv_blocks=cfg.num_kv_blocks or (cfg.kv_cache_bytes // bpb if cfg.kv_cache_bytes else None),
+            pool_pages=explicit_pages, host_bytes=cfg.host_adapter_bytes))
+        adapters = (f"; {plan.device_adapters} adapters of the largest shape ({shape}) in the device pool "
+                    f"({plan.pool_pages} pages), ~{plan.host_adapters} in the host tier "
+                    f"({plan.host_bytes / capacity.GiB:.2f} GiB)") if self.adapter_dir is not None else ""
+        log.info("capacity: %d tokens of KV (%d sequences of max_model_len=%d, %.2f GiB)%s", plan.kv_tokens,
+                 plan.full_sequences, self.max_model_len, plan.kv_blocks * bpb / capacity.GiB, adapters)
+        return plan
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str) -> list[int]:

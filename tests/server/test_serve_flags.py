@@ -69,7 +69,7 @@ def test_help_is_grouped_and_shows_units(parser, capsys):
     text = capsys.readouterr().out
     for section in ("model source:", "engine:", "network:"):
         assert section in text
-    assert "--kv-cache-mb MiB" in text and "(default: 256)" in text
+    assert "--kv-cache-mb MiB" in text and "(default: 0.5)" in text and "--memory-utilization" in text
 
 
 def test_out_of_range_values_name_the_field(parser):
