@@ -42,12 +42,16 @@ waiting queue has no cap here: the engine owns it (it also counts adds it has no
 No leaks: once every request is finished or aborted the block manager has no used blocks and the
 scheduler holds no adapter pins.
 
+Waits are counted (:class:`SchedulerStats` ``num_adapter_waits``, ``num_kv_waits``) and, when there are any, a
+warning names them and the options that add room, at most once per :data:`WAIT_WARNING_INTERVAL_S`.
+
 The config, step output, stats, adapter-pin protocol and :class:`QueueFullError` live in
 :mod:`engine.scheduling.types` and are re-exported here.
 """
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -64,6 +68,10 @@ from engine.scheduling.types import (  # noqa: F401 -- re-exported: the schedule
     SchedulerOutput,
     SchedulerStats,
 )
+
+log = logging.getLogger("aspen.engine")
+#: Seconds between two warnings that requests wait for adapter pages or KV blocks.
+WAIT_WARNING_INTERVAL_S = 60.0
 
 
 class _Admit(enum.Enum):
@@ -95,6 +103,9 @@ class Scheduler:
         self._num_preemptions = 0
         self._num_prefix_cached_tokens = 0
         self._num_failed = 0
+        self._num_adapter_waits = 0
+        self._num_kv_waits = 0
+        self._warned: tuple[float, int, int] | None = None  # (when, adapter waits, KV waits) of the last warning
 
     # ------------------------------------------------------------------ queries
     @property
@@ -122,7 +133,7 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(self._num_steps, self._num_preemptions, self._num_prefix_cached_tokens,
-                              self._num_failed)
+                              self._num_failed, self._num_adapter_waits, self._num_kv_waits)
 
     # -------------------------------------------------------- request lifecycle
     def add(self, request: Request) -> None:
@@ -215,6 +226,7 @@ class Scheduler:
 
         if chunks:
             self._num_steps += 1
+        self._warn_waits()
         return SchedulerOutput(tuple(chunks), tuple(preempted), tuple(failed),
                                self.config.max_num_batched_tokens - budget)
 
@@ -233,6 +245,7 @@ class Scheduler:
             if outcome is _Admit.NO_ROOM:
                 break
             if outcome is _Admit.NO_PIN:
+                self._num_adapter_waits += 1
                 head = head or request
                 index += 1
                 continue
@@ -272,6 +285,7 @@ class Scheduler:
                 return _Admit.NO_ROOM
         allocation = self.block_manager.allocate(rid, tokens, key)
         if allocation is None:
+            self._num_kv_waits += 1
             self._unpin(adapter_id)
             return _Admit.NO_ROOM
         if adapter_id is not None:
@@ -285,6 +299,20 @@ class Scheduler:
             request.num_cached_tokens = allocation.num_cached_tokens
         self._num_prefix_cached_tokens += allocation.num_cached_tokens
         return _Admit.ADMITTED
+
+    def _warn_waits(self) -> None:
+        """Warn, at most once per :data:`WAIT_WARNING_INTERVAL_S`, when admissions waited since the last
+        warning."""
+        now = self.clock()
+        since, adapter_before, kv_before = self._warned or (None, 0, 0)
+        adapter, kv = self._num_adapter_waits - adapter_before, self._num_kv_waits - kv_before
+        if not adapter and not kv or since is not None and now - since < WAIT_WARNING_INTERVAL_S:
+            return
+        self._warned = (now, self._num_adapter_waits, self._num_kv_waits)
+        log.warning("requests waited for memory: %d admissions for adapter pages (the device adapter pool is "
+                    "held by running requests' adapters; raise --lora-pool-mb or --memory-utilization), %d for "
+                    "KV blocks (raise --kv-cache-mb or --memory-utilization)%s", adapter, kv,
+                    "" if since is None else f" in the last {now - since:.0f} s")
 
     def _schedule_chunk(self, request: Request, budget: int, chunks: list[ScheduledChunk]) -> int:
         """Append the request's next chunk (its slots are allocated); returns the budget left."""

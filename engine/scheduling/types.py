@@ -78,6 +78,8 @@ class SchedulerStats:
     num_preemptions: int
     num_prefix_cached_tokens: int  # prefix-cache hits over all admissions, resumed ones included
     num_failed: int
+    num_adapter_waits: int = 0  # admissions refused for adapter pages (CACHE_FULL), one per request and step
+    num_kv_waits: int = 0  # admissions refused for KV blocks, one per step at most (admission stops there)
 
 
 class AdapterPin(Protocol):

@@ -29,6 +29,9 @@ aspen:adapter_cache_request_hits_total    counter    requests whose adapter was 
 aspen:adapter_cache_request_misses_total  counter    requests whose adapter had to be loaded on arrival
 aspen:adapter_cache_load_failures_total   counter    adapter reads that failed
 aspen:adapter_load_seconds_total          counter    time spent reading / copying adapters
+aspen:adapter_page_waits_total            counter    admissions that waited for device adapter pages (the
+                                                     pool held by running requests' adapters: CACHE_FULL)
+aspen:kv_block_waits_total                counter    admissions that waited for KV blocks
 ========================================  =========  ====================================================
 
 Histograms and counters carry a ``model_name`` label, as in vLLM. Gauges are read from the engine at scrape
@@ -85,6 +88,11 @@ class EngineCollector:
         # no per-batch adapter limit here: every sequence of a batch may use its own adapter
         info.add_metric([*names, str(engine.config.max_num_seqs)], time.time())
         yield info
+        stats = sched.stats()
+        yield CounterMetricFamily(PREFIX + "adapter_page_waits", "Admissions that waited for device adapter "
+                                  "pages.", value=stats.num_adapter_waits)
+        yield CounterMetricFamily(PREFIX + "kv_block_waits", "Admissions that waited for KV blocks.",
+                                  value=stats.num_kv_waits)
         if cache is not None:
             yield from self._adapter_cache(cache.stats())
 
