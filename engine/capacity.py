@@ -14,7 +14,8 @@ splits it by one rule:
 3. When the wants fit the budget each part gets its want and the rest stays free. Otherwise the device pool gets
    at most :data:`POOL_SHARE` of the budget, the host tier at most :data:`HOST_SHARE`, and the KV pool the rest;
    should that be less than one full context (``max_model_len`` tokens), the KV pool takes one full context and
-   the adapter parts share what is left (the device pool first, at least one adapter's pages).
+   the adapter parts share what is left (the device pool first). A derived device pool and host tier hold at
+   least one adapter each, even beyond the budget.
 4. When the KV pool still holds fewer than ``max_model_len`` tokens, :class:`CapacityError` says how many tokens
    fit and which option to change.
 
@@ -136,9 +137,8 @@ def plan_capacity(req: CapacityRequest) -> Capacity:
             if want_host:
                 d_host = min(d_host, max(adapter_bytes, left))
     kv = d_kv if kv is None else kv
-    pool = d_pool if pool is None else pool
-    host = d_host if host is None else host
-    pool = max(1, pool)
+    pool = max(d_pool, req.adapter_pages) if pool is None else pool  # derived: at least one adapter (want_*
+    host = max(d_host, adapter_bytes) if host is None else host  # are 0 only when explicit or without adapters)
     if kv * req.block_size < req.max_model_len:
         tokens = kv * req.block_size
         if req.kv_blocks is not None:
