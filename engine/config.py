@@ -113,7 +113,7 @@ class EngineConfig:
     memory_utilization: float = setting(0.5, help="share of the memory available once the model is loaded (free "
                                                   "GPU memory on CUDA) that the KV pool, the device adapter pool "
                                                   "and the host adapter tier may take together; explicit sizes "
-                                                  "win (split rule: engine.capacity)", minimum=0.001)
+                                                  "win (split rule: engine.capacity)", minimum=0.0001)
     kv_cache_bytes: int | None = setting(None, help="KV cache size (default: derived from "
                                                     "--memory-utilization; used unless num_kv_blocks is set)",
                                          flag="--kv-cache-mb", unit="MiB", minimum=1)
