@@ -95,6 +95,10 @@ def cache_metrics(metrics_port: int) -> dict:
             "load_ms_per_device_load": round(1e3 * seconds / device_loads, 3) if device_loads else None}
 
 
+#: The servers' host adapter tier, fixed so the figures do not depend on the machine's free memory.
+HOST_TIER_MB = 2048
+
+
 class Server:
     """An ``aspen serve`` subprocess on a free loopback port; stopped with SIGTERM."""
 
@@ -104,7 +108,8 @@ class Server:
             "w+", prefix="aspen-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "aspen.cli", "serve", "--model", model, "--adapter-dir", adapter_dir,
                "--port", "0", "--metrics-port", "0", "--device", device, "--lora-pool-mb", str(pool_mb),
-               "--max-num-seqs", str(max_num_seqs), "--grace-period", "5", *extra]
+               "--max-num-seqs", str(max_num_seqs), "--host-adapter-mb", str(HOST_TIER_MB), "--grace-period", "5",
+               *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline, match = time.monotonic() + 180, None
         while match is None and time.monotonic() < deadline and self.proc.poll() is None:
