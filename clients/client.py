@@ -6,12 +6,17 @@
             print(msg.text, end="", flush=True)
 
 Sampling parameters are the fields of ``aspen.v1.SamplingParams`` as keyword arguments (``stop`` may be one
-string). Errors surface as ``grpc.RpcError``; ``grpc_status.rpc_status.from_call(err)`` decodes the details.
+string). ``response_format`` constrains the output (see :func:`format_message`):
+
+    c.generate("Extract:", response_format={"json_schema": {"type": "object", "properties": {...}}})
+    c.generate("Yes or no?", response_format={"choice": ["yes", "no"]})
+ Errors surface as ``grpc.RpcError``; ``grpc_status.rpc_status.from_call(err)`` decodes the details.
 ``token`` is sent as ``authorization: Bearer <token>``; ``tls_ca`` (a PEM path or bytes) switches to TLS.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -22,8 +27,42 @@ from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 PARAM_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
+FORMAT_KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
+ResponseFormatArg = pb.ResponseFormat | Mapping[str, Any] | None
+
+
+def format_message(spec: ResponseFormatArg) -> pb.ResponseFormat | None:
+    """The ``aspen.v1.ResponseFormat`` of ``spec``: a message as is, or a mapping with one key among
+    :data:`FORMAT_KINDS` (``{"json_schema": schema}`` with the schema as a mapping or JSON text,
+    ``{"regex": "..."}``, ``{"grammar": "<lark>"}``, ``{"choice": [...]}``, ``{"json_object": True}``), or
+    OpenAI's shape (``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema": {"schema": ...}}``).
+    TypeError / ValueError for anything else."""
+    if spec is None or isinstance(spec, pb.ResponseFormat):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"response_format must be a mapping or an aspen.v1.ResponseFormat, got {type(spec).__name__}")
+    if "type" in spec:  # OpenAI's shape
+        kind = spec["type"]
+        if kind == "json_schema":
+            spec = {"json_schema": (spec.get("json_schema") or {}).get("schema", {})}
+        elif kind == "json_object":
+            spec = {"json_object": True}
+        else:
+            raise ValueError(f"response_format type {kind!r}: expected json_object or json_schema")
+    if len(spec) != 1 or next(iter(spec)) not in FORMAT_KINDS:
+        raise ValueError(f"response_format takes exactly one key among {FORMAT_KINDS}, got {sorted(spec)}")
+    kind, value = next(iter(spec.items()))
+    if kind == "json_object":
+        return pb.ResponseFormat(json_object=pb.JsonObject())
+    if kind == "choice":
+        return pb.ResponseFormat(choice=pb.Choice(choices=list(value)))
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    return pb.ResponseFormat(**{kind: value})
+
+
 def build_request(prompt: str | Sequence[int], adapter: str | None = None, request_id: str = "",
-                  **params: Any) -> pb.GenerateRequest:
+                  response_format: ResponseFormatArg = None, **params: Any) -> pb.GenerateRequest:
     """A GenerateRequest; ``prompt`` is text or a list of token ids. TypeError for an unknown parameter."""
     unknown = sorted(set(params) - PARAM_FIELDS)
     if unknown:
@@ -31,7 +70,8 @@ def build_request(prompt: str | Sequence[int], adapter: str | None = None, reque
     if isinstance(params.get("stop"), str):
         params["stop"] = [params["stop"]]
     sp = pb.SamplingParams(**{k: v for k, v in params.items() if v is not None})
-    req = pb.GenerateRequest(request_id=request_id, adapter_id=adapter or "", params=sp)
+    req = pb.GenerateRequest(request_id=request_id, adapter_id=adapter or "", params=sp,
+                             response_format=format_message(response_format))
     if isinstance(prompt, str):
         req.text = prompt
     else:

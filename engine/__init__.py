@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncLLMEngine", "EngineConfig", "LLMEngine", "RequestOutput", "ResponseFormat", "SamplingParams"]
 
 _LAZY = {
     "LLMEngine": "engine.llm_engine",
@@ -15,6 +15,7 @@ _LAZY = {
     "SamplingParams": "engine.scheduling.sampling_params",
     "EngineConfig": "engine.config",
     "RequestOutput": "engine.outputs",
+    "ResponseFormat": "engine.scheduling.response_format",
 }
 
 

@@ -155,6 +155,11 @@ class EngineConfig:
     packed_gemm: bool = setting(True, help="packed GEMM layout of float32 CPU weights (AVX-512 panels or MKL's "
                                            "packed GEMM: faster decode steps, same memory)")
 
+    grammar_compile_timeout_s: float = setting(5.0, help="seconds a request's response_format may take to compile; "
+                                                         "a slower one is refused (INVALID_ARGUMENT)",
+                                               flag="--grammar-compile-timeout", minimum=0.01)
+    grammar_cache_size: int = setting(256, help="compiled response formats kept (LRU, by content)", minimum=1)
+
     def __post_init__(self) -> None:
         check_settings(self)
         if self.memory_utilization > 1:

@@ -4,7 +4,8 @@
              -> per sampled token: detokenize, check stop conditions, finish -> outputs
 
 ``add_request`` and ``abort`` may be called from any thread: ``add_request`` checks every rule of a request at
-once (so bad input fails in the caller, with a typed error naming the field at fault) and both queue a command
+once, its response format's grammar included (so bad input fails in the caller, with a typed error naming the
+field at fault, and no compile ever runs on the engine thread) and both queue a command
 that the next ``step`` applies. A front end only maps those errors to its own statuses. ``generate`` drives ``step`` itself; the server
 uses :class:`engine.async_engine.AsyncLLMEngine`, which drives it from a background thread.
 """
@@ -36,6 +37,7 @@ from engine.scheduling.errors import DuplicateRequestError, RequestError
 from engine.scheduling.request import FinishReason, Request
 from engine.scheduling.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduling.scheduler import QueueFullError, Scheduler
+from engine.structured.compiler import GrammarCompiler
 
 log = logging.getLogger("aspen.engine")
 
@@ -83,6 +85,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler_config(self.max_model_len), self.block_manager, self.adapter_cache)
         kv = self.model.new_kv_cache(num_blocks, cfg.block_size)
         self.runner = ModelRunner(self.model, kv, pool, seed=cfg.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, mc.eos_token_ids,
+                                        cache_size=cfg.grammar_cache_size, timeout_s=cfg.grammar_compile_timeout_s)
         self._states: dict[str, RequestState] = {}
         self._commands: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()  # guards _commands and _states membership
@@ -127,6 +131,9 @@ class LLMEngine:
           most :data:`MAX_REQUEST_ID_CHARS` characters); :class:`DuplicateRequestError` for an id in use;
         * :class:`SamplingParamsError` for parameters that do not fit this model (context, vocabulary, a stop
           mask covering the whole vocabulary; ``SamplingParams`` refuses its own out-of-range values itself);
+        * :class:`ResponseFormatError` (a :class:`RequestError` naming ``response_format.<kind>``) for a response
+          format that does not compile for this tokenizer, or not within ``grammar_compile_timeout_s`` (compiled
+          here, on the caller's thread and the compiler's workers, never on the engine thread; cached by content);
         * an ``AdapterError`` subclass for the adapter (malformed id, not found, unreadable or incompatible);
         * :class:`QueueFullError` when ``max_waiting`` requests already wait.
         """
@@ -138,11 +145,13 @@ class LLMEngine:
         params.check_context(len(ids), self.max_model_len)
         params.check_vocab(self.model.config.vocab_size)
         self._check_stop_mask(params)
+        fmt = params.response_format
+        matcher = self.grammars.matcher(fmt) if fmt is not None else None
         if adapter_id is not None:
             self._require_adapter(adapter_id)
         request = Request(rid, ids, params, adapter_id)
         self.scheduler.check(request)  # KV pool and batch limits: fail here, never inside a step
-        state = RequestState(request, self.tokenizer, self.model.device)
+        state = RequestState(request, self.tokenizer, self.model.device, matcher)
         with self._lock:
             if rid in self._states:
                 raise DuplicateRequestError(rid)

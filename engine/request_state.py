@@ -1,4 +1,5 @@
-"""Engine-side state of one request: its detokenizer, sampling state, logprobs, and what was already reported."""
+"""Engine-side state of one request: its detokenizer, sampling state (with its grammar matcher when the request has
+a response format), logprobs, and what was already reported."""
 from __future__ import annotations
 
 import contextlib
@@ -10,15 +11,17 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampler import SampleResult, SamplingState
 from engine.scheduling.request import FinishReason, Request
+from engine.structured.matcher import GrammarMatcher
 
 
 class RequestState:
-    def __init__(self, request: Request, tokenizer, device: torch.device) -> None:
+    def __init__(self, request: Request, tokenizer, device: torch.device,
+                 matcher: GrammarMatcher | None = None) -> None:
         self.request = request
         p = request.params
         self.detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, p.skip_special_tokens, p.stop)
         # shares the request's output list: the scheduler appends each sampled token to it
-        self.sampling = SamplingState(p, request.prompt_token_ids, request.output_token_ids)
+        self.sampling = SamplingState(p, request.prompt_token_ids, request.output_token_ids, matcher=matcher)
         self.logprobs: list[TokenLogprob] = []
         self.stop_reason: str | int | None = None
         self._delta_text = ""
@@ -28,9 +31,15 @@ class RequestState:
     def on_token(self, result: SampleResult, row: int, eos_token_ids: Sequence[int], max_model_len: int,
                  now: float) -> FinishReason | None:
         """Record the token the step sampled for this request (already appended by the scheduler); return why
-        the request is finished, or None."""
+        the request is finished, or None.
+
+        Raises :class:`~engine.scheduling.response_format.ResponseFormatError` when the token does not continue
+        the request's format (its grammar could not be followed); the engine then fails this request alone."""
         req, p = self.request, self.request.params
         token = result.token_ids[row]
+        matcher = self.sampling.matcher
+        if matcher is not None:
+            matcher.sync(req.output_token_ids)
         if req.first_token_time is None:
             req.first_token_time = now
         if p.logprobs is not None:
@@ -45,6 +54,8 @@ class RequestState:
             reason = FinishReason.EOS
         elif self.detok.stopped:
             reason, self.stop_reason = FinishReason.STOP, self.detok.stop_reason
+        elif matcher is not None and matcher.is_complete:  # the format allows nothing more
+            reason = FinishReason.STOP
         elif n >= p.max_new_tokens or req.num_tokens >= max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:

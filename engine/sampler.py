@@ -7,15 +7,18 @@
 2. ``min_new_tokens``: while ``len(output) < min_new_tokens`` the ``stop_token_ids`` and, unless ``ignore_eos``,
    the EOS ids are set to ``-inf`` (with ``ignore_eos`` EOS cannot end the request, so it is never masked and may
    be sampled as an ordinary token);
+2b. response format: rows with a grammar matcher (``SamplingState.matcher``) get every token that cannot continue
+   their format set to ``-inf`` (one packed bitmask for the constrained rows, :mod:`engine.structured.bitmask`);
+   rows without one are not touched and a step without any does no grammar work at all;
 3. greedy rows (``params.greedy``) take the argmax of the result: exact and deterministic;
 4. other rows: divide by temperature, then truncate with top-k (exactly ``k`` tokens, ties broken towards the lower
    id), top-p (the smallest prefix of the sorted distribution whose mass reaches ``top_p``, after top-k) and min-p
    (drop tokens with probability below ``min_p`` times the largest), then draw from the softmax.
 
-Log-probabilities (``params.logprobs`` not ``None``) are ``log_softmax`` of the *processed* row: after steps 1, 2
-and the temperature of step 4 (greedy rows use temperature 1), **before** the top-k / top-p / min-p truncation, so
-alternatives outside the truncated support still get finite values. :meth:`Sampler.process` returns exactly
-these processed logits.
+Log-probabilities (``params.logprobs`` not ``None``) are ``log_softmax`` of the *processed* row: after steps 1, 2,
+2b and the temperature of step 4 (greedy rows use temperature 1), **before** the top-k / top-p / min-p truncation, so
+alternatives outside the truncated support still get finite values; masked tokens (``-inf``) are never listed
+among the top alternatives. :meth:`Sampler.process` returns exactly these processed logits.
 
 Randomness: a seeded request draws with its own :class:`torch.Generator` (``SamplingState.generator``, created
 lazily from ``params.seed`` on the logits' device), one ``torch.multinomial`` call per seeded row, so its tokens
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.scheduling.sampling_params import SamplingParams
+from engine.structured.bitmask import TokenBitmask, apply_token_bitmask, words_for
+from engine.structured.matcher import GrammarMatcher
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -44,13 +49,15 @@ class SamplingState:
     """The sampler's view of one request; the engine owns it and appends each sampled token to ``output_token_ids``.
 
     ``generator`` is created by the sampler on first use when ``params.seed`` is set (or pass one made with
-    :func:`make_generator`). ``prompt_token_ids`` must not change once sampling has started.
+    :func:`make_generator`). ``prompt_token_ids`` must not change once sampling has started. ``matcher`` (set for
+    a request with a response format) is brought up to ``output_token_ids`` by the sampler before each mask.
     """
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    matcher: GrammarMatcher | None = None
     _prompt_tensor: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def prompt_tensor(self, device: torch.device) -> torch.Tensor:
@@ -88,6 +95,7 @@ class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmask = TokenBitmask()
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -121,7 +129,8 @@ class Sampler:
         x = logits.float()
         pen_rows = [i for i, s in enumerate(states) if s.params.has_penalties]
         min_rows = [i for i, s in enumerate(states) if len(s.output_token_ids) < s.params.min_new_tokens]
-        if not pen_rows and not min_rows:
+        fmt_rows = [i for i, s in enumerate(states) if s.matcher is not None]
+        if not pen_rows and not min_rows and not fmt_rows:
             return x
         x = x.clone() if x is logits else x
         if pen_rows:
@@ -133,7 +142,27 @@ class Sampler:
             banned = [t for t in banned if 0 <= t < x.shape[1]]
             if banned:
                 x[i, banned] = float("-inf")
+        if fmt_rows:
+            self._apply_formats(x, fmt_rows, states)
         return x
+
+    def _apply_formats(self, x: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
+        """In place on the given rows of ``x``: every token their grammar does not allow next becomes ``-inf``.
+
+        A row whose matcher cannot go on, or whose grammar allows no token within the logits, is left unmasked
+        (so the step never meets a row of no finite logit); recording its token then fails that request alone."""
+        vocab = x.shape[1]
+        matchers = [states[i].matcher for i in rows]
+        bitmask = self._bitmask.rows(len(rows), matchers[0].vocab_size)
+        for j, (i, m) in enumerate(zip(rows, matchers)):
+            m.fill_bitmask(bitmask[j], states[i].output_token_ids)
+        words = words_for(vocab)
+        live = bitmask[:, :words].clone()
+        if vocab % 32:  # bits past the logits belong to no token of this model
+            live[:, -1] &= (1 << (vocab % 32)) - 1
+        for j in (~live.ne(0).any(dim=1)).nonzero().flatten().tolist():
+            bitmask[j].fill_(-1)
+        apply_token_bitmask(x, rows, bitmask)
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> None:
@@ -258,5 +287,5 @@ class Sampler:
         for j, i in enumerate(rows):
             n = states[i].params.logprobs or 0
             logprobs[i] = chosen[j]
-            tops[i] = list(zip(top_ids[j][:n], top_vals[j][:n]))
+            tops[i] = [(t, v) for t, v in zip(top_ids[j][:n], top_vals[j][:n]) if v != float("-inf")]
         return SampleResult(token_ids, logprobs, tops)

@@ -18,6 +18,10 @@ Semantics (the sampler in :mod:`engine.sampler` implements them):
   token.
 * ``logprobs``: ``None`` returns no log-probabilities; ``0`` returns only the sampled token's; ``n`` in 1..20 also
   returns the top-``n`` alternatives.
+* ``response_format``: the output must match this format (:mod:`engine.scheduling.response_format`); tokens that
+  cannot continue it are masked before temperature and truncation, so log-probabilities are those of the
+  constrained distribution. The format decides where the output ends, so it cannot be combined with
+  ``ignore_eos`` or ``min_new_tokens``.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from engine.scheduling.response_format import ResponseFormat
 
 #: Temperatures below this are treated as greedy decoding.
 GREEDY_TEMPERATURE = 1e-5
@@ -89,6 +95,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         self._normalise_sequences()
@@ -117,6 +124,20 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"expected a bool, got {getattr(self, name)!r}")
         self._check_stop()
+        self._check_response_format()
+
+    def _check_response_format(self) -> None:
+        if self.response_format is None:
+            return
+        if not isinstance(self.response_format, ResponseFormat):
+            raise SamplingParamsError("response_format", f"expected None or a ResponseFormat, got "
+                                                         f"{type(self.response_format).__name__}")
+        if self.ignore_eos:
+            raise SamplingParamsError("ignore_eos", "cannot be combined with a response_format: the format decides "
+                                                    "where the output ends")
+        if self.min_new_tokens:
+            raise SamplingParamsError("min_new_tokens", "expected 0 with a response_format: the format decides "
+                                                        "where the output ends")
 
     def _normalise_sequences(self) -> None:
         stop: Any = self.stop

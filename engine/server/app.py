@@ -32,7 +32,7 @@ from engine.llm_engine import LLMEngine
 from engine.server import status as errs
 from engine.server.metrics import ServerMetrics
 from engine.server.options import ServerOptions
-from engine.server.proto_convert import params_from_proto
+from engine.server.proto_convert import params_from_proto, response_format_from_proto
 from engine.server.servicers import AdapterServicer, GenerationServicer
 
 log = logging.getLogger("aspen.server")
@@ -232,7 +232,7 @@ class AspenServer:
         The engine validates the request; ``call`` records the prompt field the request used, so that
         :meth:`call` maps the engine's errors to that field's path."""
         prompt = _prompt(request, call)
-        params = params_from_proto(request.params)
+        params = params_from_proto(request.params, response_format_from_proto(request))
         call.adapter_id = request.adapter_id
         tracker = self.metrics.tracker()
         try:

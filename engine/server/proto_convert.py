@@ -1,8 +1,9 @@
 """Conversions between ``aspen.v1`` protobuf messages and engine objects (for :mod:`engine.server.app` and
 :mod:`engine.server.servicers`).
 
-Sampling parameters in (:func:`params_from_proto`); logprobs, finish reasons / usage, quantization names and
-adapter listings out. Pure field mapping: no validation beyond what :class:`SamplingParams` does itself.
+Sampling parameters and the response format in (:func:`params_from_proto`, :func:`response_format_from_proto`);
+logprobs, finish reasons / usage, quantization names and adapter listings out. Pure field mapping: no validation
+beyond what :class:`SamplingParams` and :class:`ResponseFormat` do themselves (and which member of a oneof is set).
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from aspen.lora.peft.config import read_adapter_config
 from clients.aspen.v1 import aspen_pb2 as pb
 from engine.adapters.paths import check_confined
 from engine.llm_engine import LLMEngine
+from engine.scheduling.response_format import ResponseFormat
 from engine.scheduling.sampling_params import SamplingParams
+from engine.server.status import InvalidArgument
 
 _OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                     "presence_penalty", "frequency_penalty", "seed", "min_new_tokens", "logprobs",
@@ -24,11 +27,27 @@ _QUANT = {"none": pb.QUANTIZATION_NONE, "int8": pb.QUANTIZATION_INT8, "nf4": pb.
           "fp4": pb.QUANTIZATION_FP4}
 
 
-def params_from_proto(p: pb.SamplingParams) -> SamplingParams:
+def params_from_proto(p: pb.SamplingParams, response_format: ResponseFormat | None = None) -> SamplingParams:
     """Engine sampling parameters; unset optional fields keep the engine defaults."""
     kw = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
     return SamplingParams(stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                          **kw)
+                          response_format=response_format, **kw)
+
+
+def response_format_from_proto(request: pb.GenerateRequest) -> ResponseFormat | None:
+    """The request's response format, None when unset; :class:`InvalidArgument` for a ResponseFormat message that
+    sets no member of its oneof. The format's own checks raise ``ResponseFormatError`` naming the field."""
+    if not request.HasField("response_format"):
+        return None
+    rf = request.response_format
+    kind = rf.WhichOneof("format")
+    if kind is None:
+        raise InvalidArgument("response_format", "set one of json_object, json_schema, regex, grammar, choice")
+    if kind == "json_object":
+        return ResponseFormat.json_object()
+    if kind == "choice":
+        return ResponseFormat.choice(list(rf.choice.choices))
+    return ResponseFormat(kind, getattr(rf, kind))
 
 
 def logprobs_proto(items) -> list[pb.TokenLogprob]:

@@ -178,6 +178,8 @@ _CLIENT_ERRORS = {
     "AdapterError": grpc.StatusCode.FAILED_PRECONDITION,
     "AdapterBusyError": grpc.StatusCode.FAILED_PRECONDITION,
     "QueueFullError": grpc.StatusCode.RESOURCE_EXHAUSTED,  # a late refusal at the step boundary: retryable
+    # the request's grammar could not be followed (e.g. too complex for the matcher's limits): the client's format
+    "ResponseFormatError": grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -191,7 +193,9 @@ def engine_error(error: str | None, request_id: str, adapter_id: str,
     if code is grpc.StatusCode.NOT_FOUND:
         return not_found("adapter", adapter_id, message), message
     if code is grpc.StatusCode.INVALID_ARGUMENT:
-        return invalid_argument(message, [("adapter_id", message)]), message
+        # a ResponseFormatError's message starts with its field path ("response_format.regex: ...")
+        field = message.partition(": ")[0] if name == "ResponseFormatError" else "adapter_id"
+        return invalid_argument(message, [(field, message)]), message
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         return resource_exhausted(message), message
     if code is not None:
