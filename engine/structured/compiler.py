@@ -147,7 +147,8 @@ class GrammarCompiler:
         row = torch.empty(words_for(info.vocab_size), dtype=torch.int32)
         template.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         if template.is_error():
-            raise ResponseFormatError(fmt.field, f"the format is too complex to follow: "
+            raise ResponseFormatError(fmt.field, "the grammar engine cannot follow the format from its start (does "
+                                                 "any finite output match it?): "
                                                  f"{short_error(template.get_error())}")
         if not bool(row[:words_for(self.vocab_size)].any()):
             raise ResponseFormatError(fmt.field, "no token of this model's vocabulary can start the format")
@@ -181,22 +182,31 @@ def _grammar_text(fmt: ResponseFormat) -> str:
     """The llguidance grammar of ``fmt`` (not yet checked: the matcher's construction does that)."""
     from llguidance import LLMatcher
 
-    if fmt.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-    if fmt.kind == "json_schema":
-        try:
-            schema = json.loads(fmt.spec)
-        except json.JSONDecodeError as e:
-            raise ResponseFormatError(fmt.field, f"not valid JSON: {e}") from None
-        except RecursionError:
-            raise ResponseFormatError(fmt.field, "the schema is nested too deeply") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ResponseFormatError(fmt.field, f"a JSON Schema is an object or a boolean, got "
-                                                 f"{type(schema).__name__}")
-        return LLMatcher.grammar_from_json_schema(fmt.spec, defaults=JSON_OPTIONS)
-    if fmt.kind == "regex":
-        return LLMatcher.grammar_from_regex(fmt.spec)
-    if fmt.kind == "grammar":
-        return LLMatcher.grammar_from_lark(fmt.spec)
-    alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in fmt.spec)
-    return LLMatcher.grammar_from_lark(f"start: {alternatives}")
+    try:
+        if fmt.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        if fmt.kind == "json_schema":
+            _check_json(fmt)
+            return LLMatcher.grammar_from_json_schema(fmt.spec, defaults=JSON_OPTIONS)
+        if fmt.kind == "regex":
+            return LLMatcher.grammar_from_regex(fmt.spec)
+        if fmt.kind == "grammar":
+            return LLMatcher.grammar_from_lark(fmt.spec)
+        # one terminal: the alternatives go into the lexer's automaton, not into parser rows (which are capped)
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in fmt.spec)
+        return LLMatcher.grammar_from_lark(f"start: CHOICE\nCHOICE: {alternatives}")
+    except ResponseFormatError:
+        raise
+    except ValueError as e:  # the grammar engine's own parse of the specification (e.g. JSON nested too deeply)
+        raise ResponseFormatError(fmt.field, f"the grammar engine cannot read it: {short_error(str(e))}") from None
+
+
+def _check_json(fmt: ResponseFormat) -> None:
+    try:
+        schema = json.loads(fmt.spec)
+    except json.JSONDecodeError as e:
+        raise ResponseFormatError(fmt.field, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ResponseFormatError(fmt.field, "the schema is nested too deeply") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ResponseFormatError(fmt.field, f"a JSON Schema is an object or a boolean, got {type(schema).__name__}")

@@ -92,7 +92,7 @@ class GrammarMatcher:
             return False
         self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         if self._m.is_error():
-            self._error = f"the format is too complex to follow: {short_error(self._m.get_error())}"
+            self._error = f"the grammar engine cannot follow the format here: {short_error(self._m.get_error())}"
             row.fill_(-1)
             return False
         return True

@@ -14,8 +14,10 @@ CLIENT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_
                           grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
                           grpc.StatusCode.RESOURCE_EXHAUSTED})
 #: Field paths a BadRequest may name.
-REQUEST_FIELDS = frozenset({"prompt", "text", "token_ids.ids", "adapter_id", "path", "request_id", "request"}
-                           | {f"params.{f}" for f in pb.SamplingParams.DESCRIPTOR.fields_by_name})
+REQUEST_FIELDS = frozenset({"prompt", "text", "token_ids.ids", "adapter_id", "path", "request_id", "request",
+                            "response_format", "response_format.choice.choices"}
+                           | {f"params.{f}" for f in pb.SamplingParams.DESCRIPTOR.fields_by_name}
+                           | {f"response_format.{f}" for f in pb.ResponseFormat.DESCRIPTOR.fields_by_name})
 
 
 def details(err: grpc.RpcError) -> dict:

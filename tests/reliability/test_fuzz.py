@@ -3,10 +3,17 @@ raw wire bytes against an in-process server on 127.0.0.1. Every call must end, w
 success that respects the request or in a documented client status (never INTERNAL / UNKNOWN), and a valid request
 must still give the reference output afterwards with nothing held in the engine.
 
-Counts: 2,000 examples in ``make test`` (1,200 + 400 + 400), 10,000 under ``make soak`` (6,000 + 2,000 + 2,000).
+Response formats get their own fuzzing: generated JSON Schemas, regexes, grammars and choice lists, and hostile
+ones (deep nesting, huge enums, catastrophic regexes), while a plain request keeps being served alongside.
+
+Counts: 2,300 examples in ``make test`` (1,200 + 400 + 400 + 300), 12,000 under ``make soak``
+(6,000 + 2,000 + 2,000 + 2,000).
 """
 from __future__ import annotations
 
+import json
+import re
+import threading
 import time
 from collections import Counter
 
@@ -20,11 +27,12 @@ from clients.client import AspenClient
 from tests.helpers.metrics import report
 from tests.helpers.server import GREEDY, ServerThread, shared_assets, wait_engine_idle
 from tests.helpers.statuses import CLIENT_CODES, check_client_error, details
+from tests.helpers.structured import check_output
 
 CALL_TIMEOUT_S = 30.0  # a call that outlives this is a hang
 OK_FINISH = {pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS, pb.FINISH_REASON_STOP}
-FAST = {"generate": 1200, "adapters": 400, "wire": 400}
-SLOW = {"generate": 6000, "adapters": 2000, "wire": 2000}
+FAST = {"generate": 1200, "adapters": 400, "wire": 400, "formats": 300}
+SLOW = {"generate": 6000, "adapters": 2000, "wire": 2000, "formats": 2000}
 VOCAB = 320
 MAX_MODEL_LEN = 128
 INT32 = (-(2**31), 2**31 - 1)
@@ -261,3 +269,164 @@ def test_fuzz_wire_bytes(fuzz_server, n):
         check()
     assert sum(stats.values()) >= n and stats["INVALID_ARGUMENT"] > 0
     after_fuzz(fuzz_server, stats, f"fuzz-wire-{n}", started)
+
+
+# ---------------------------------------------------------------------------------------------- response formats
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"], "additionalProperties": False}
+    return schema
+
+
+#: (name, ResponseFormat message, what must happen: "ok" = served (the output checked where it completes),
+#: "refused" = INVALID_ARGUMENT naming the format's field)
+HOSTILE = [
+    ("nested-20", pb.ResponseFormat(json_schema=json.dumps(_nested(20))), "ok"),
+    ("nested-300", pb.ResponseFormat(json_schema=json.dumps(_nested(300))), "refused"),
+    ("nested-text-50k", pb.ResponseFormat(json_schema="[" * 50_000 + "]" * 50_000), "refused"),
+    ("enum-10k", pb.ResponseFormat(json_schema=json.dumps({"enum": [f"value-{i}" for i in range(10_000)]})), "ok"),
+    ("enum-40k", pb.ResponseFormat(json_schema=json.dumps({"enum": [f"value-{i}" for i in range(40_000)]})),
+     "refused"),
+    ("choices-4096", pb.ResponseFormat(choice=pb.Choice(choices=[f"c{i}" for i in range(4096)])), "ok"),
+    ("choices-5000", pb.ResponseFormat(choice=pb.Choice(choices=[f"c{i}" for i in range(5000)])), "refused"),
+    ("props-2000", pb.ResponseFormat(json_schema=json.dumps({
+        "type": "object", "properties": {f"p{i}": {"type": "boolean"} for i in range(2000)},
+        "required": [f"p{i}" for i in range(2000)], "additionalProperties": False})), "ok"),
+    ("regex-nested-plus", pb.ResponseFormat(regex=r"(a+)+b"), "ok"),
+    ("regex-alternation", pb.ResponseFormat(regex=r"(a|aa)*c"), "ok"),
+    ("regex-overlap", pb.ResponseFormat(regex=r"(x+x+)+y"), "ok"),
+    ("regex-nested-counts", pb.ResponseFormat(regex=r"((a{1,100}){1,100}){1,100}"), "ok"),
+    ("regex-huge-count", pb.ResponseFormat(regex=r"[0-9a-f]{100000}"), "ok"),
+    ("regex-any-long", pb.ResponseFormat(regex=r"[\s\S]{0,100000}x"), "ok"),
+    ("regex-many-words", pb.ResponseFormat(regex="(" + "|".join(f"w{i}x" for i in range(20_000)) + ")"), "ok"),
+    ("regex-too-long", pb.ResponseFormat(regex="(" + "|".join(f"w{i}x" for i in range(40_000)) + ")"), "refused"),
+    ("regex-lookahead", pb.ResponseFormat(regex=r"(?=a)a"), "refused"),
+    ("grammar-left-recursive", pb.ResponseFormat(grammar='start: start "a" | "b"'), "ok"),
+    ("grammar-ambiguous", pb.ResponseFormat(grammar='start: x\nx: x x | "a" | ""'), "ok"),
+    ("schema-no-finite-value", pb.ResponseFormat(json_schema=json.dumps({"$ref": "#"})), "refused"),
+]
+PYTHON_CHECKS = {"regex-nested-plus": r"(a+)+b", "regex-alternation": r"(a|aa)*c", "regex-overlap": r"(x+x+)+y"}
+
+_SCHEMA_KEYWORDS = ["type", "properties", "items", "enum", "const", "required", "minimum", "maximum", "pattern",
+                    "minLength", "maxLength", "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties",
+                    "format", "minItems", "maxItems", "not", "uniqueItems", "multipleOf", "prefixItems"]
+_json_leaves = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                         st.text(max_size=8), st.sampled_from(["string", "integer", "object", "array", "#", "#/$defs/a",
+                                                               "email", "date-time", "^[a-z]+$", "(a"]))
+schemas = st.recursive(
+    st.one_of(st.booleans(), st.fixed_dictionaries({"type": st.sampled_from(
+        ["string", "integer", "number", "boolean", "null", "object", "array", "nope"])})),
+    lambda children: st.dictionaries(st.sampled_from(_SCHEMA_KEYWORDS), st.one_of(
+        children, _json_leaves, st.lists(st.one_of(children, _json_leaves), max_size=3),
+        st.dictionaries(st.text(max_size=4), children, max_size=3)), max_size=4),
+    max_leaves=16)
+REGEX_CHARS = "ab01.*+?|()[]{}^$\\-,dswSDW:=!<>"
+formats = st.one_of(
+    st.builds(lambda s: pb.ResponseFormat(json_schema=json.dumps(s)), schemas),
+    st.builds(lambda t: pb.ResponseFormat(json_schema=t), st.text(max_size=60)),
+    st.builds(lambda t: pb.ResponseFormat(regex=t), st.text(alphabet=REGEX_CHARS, max_size=30)),
+    st.builds(lambda t: pb.ResponseFormat(regex=t), st.text(max_size=20)),
+    st.builds(lambda t: pb.ResponseFormat(grammar=t), st.text(alphabet='start:|"ab()*+?/ \n%json{}', max_size=40)),
+    st.builds(lambda c: pb.ResponseFormat(choice=pb.Choice(choices=c)), st.lists(st.text(max_size=6), max_size=8)),
+    st.just(pb.ResponseFormat(json_object=pb.JsonObject())), st.just(pb.ResponseFormat()),
+    st.sampled_from([h[1] for h in HOSTILE]))
+
+
+def check_format_generate(client: AspenClient, req: pb.GenerateRequest, stream: bool) -> str:
+    """One constrained call: served (a completed output is checked where Python can check it), or refused with a
+    documented status; a grammar that turns out too complex mid-stream ends with FINISH_REASON_ERROR naming it."""
+    try:
+        if stream:
+            msgs = list(client.generation.GenerateStream(req, timeout=CALL_TIMEOUT_S))
+            last, text = msgs[-1], "".join(m.text for m in msgs)
+            if last.finish_reason == pb.FINISH_REASON_ERROR:
+                assert last.error.startswith("response_format"), last.error
+                return "STREAM_ERROR"
+        else:
+            last = client.generation.Generate(req, timeout=CALL_TIMEOUT_S)
+            text = last.text
+    except grpc.RpcError as e:
+        code = check_client_error(e)
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            fields = {v.field for v in details(e)["BadRequest"].field_violations}
+            assert all(f.startswith(("response_format", "params.", "text")) for f in fields), fields
+        return code.name
+    assert last.finish_reason in OK_FINISH
+    complete = last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_EOS)
+    kind = req.response_format.WhichOneof("format")
+    if complete and kind == "json_object":
+        check_output("json_object", text)
+    elif complete and kind == "json_schema":
+        json.loads(text)
+    elif complete and kind == "choice":
+        assert text in req.response_format.choice.choices
+    return "OK"
+
+
+def _format_request(fmt: pb.ResponseFormat, max_new: int = 6, temperature: float = 0.0) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text="The quick brown fox", response_format=fmt,
+                              params=pb.SamplingParams(max_new_tokens=max_new, temperature=temperature, seed=1))
+
+
+def test_hostile_formats_clear_errors_and_the_server_keeps_serving(fuzz_server):
+    """Each hostile format is served or refused as expected, quickly, while a plain request is served alongside."""
+    started = time.monotonic()
+    plain: list[float] = []
+    stop = threading.Event()
+
+    def keep_serving():
+        with AspenClient(fuzz_server.address, timeout=CALL_TIMEOUT_S) as c:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                assert c.generate("The quick brown fox", None, max_new_tokens=8,
+                                  **GREEDY).token_ids == fuzz_server.reference[None]
+                plain.append(time.monotonic() - t0)
+
+    alongside = threading.Thread(target=keep_serving)
+    alongside.start()
+    outcomes = {}
+    try:
+        with AspenClient(fuzz_server.address, timeout=CALL_TIMEOUT_S) as client:
+            for name, fmt, expected in HOSTILE:
+                t0 = time.monotonic()
+                max_new = 48 if name in PYTHON_CHECKS else 6
+                req = _format_request(fmt, max_new=max_new)
+                why = ""
+                try:
+                    resp = client.generation.Generate(req, timeout=CALL_TIMEOUT_S)
+                    outcome = "ok"
+                    if name in PYTHON_CHECKS and resp.finish_reason != pb.FINISH_REASON_LENGTH:
+                        assert re.fullmatch(PYTHON_CHECKS[name], resp.text), (name, resp.text)
+                except grpc.RpcError as e:
+                    assert e.code() is grpc.StatusCode.INVALID_ARGUMENT, (name, e.code(), e.details())
+                    field = details(e)["BadRequest"].field_violations[0].field
+                    assert field.startswith("response_format"), (name, field)
+                    outcome, why = "refused", e.details()
+                outcomes[name] = (outcome, round(time.monotonic() - t0, 3), why[:120])
+                assert outcome == expected, (name, outcome, why)
+    finally:
+        stop.set()
+        alongside.join(CALL_TIMEOUT_S)
+    assert plain and max(plain) < 10, plain
+    after_fuzz(fuzz_server, Counter(o for o, _, _ in outcomes.values()), "fuzz-hostile-formats", started)
+    report("hostile-formats", outcomes=outcomes, plain_requests=len(plain), plain_max_s=round(max(plain), 3))
+
+
+@pytest.mark.parametrize("n", [pytest.param(FAST["formats"], id="fast"),
+                               pytest.param(SLOW["formats"], id="soak", marks=pytest.mark.slow)])
+def test_fuzz_response_formats(fuzz_server, n):
+    stats: Counter = Counter()
+    started = time.monotonic()
+    with AspenClient(fuzz_server.address, timeout=CALL_TIMEOUT_S) as client:
+        @fuzz_settings(n)
+        @given(fmt=formats, stream=st.booleans(), temperature=st.sampled_from([0.0, 1.0]),
+               adapter=st.sampled_from(["", "a1", "team/a2"]))
+        def check(fmt, stream, temperature, adapter):
+            req = _format_request(fmt, max_new=4, temperature=temperature)
+            req.adapter_id = adapter
+            stats[check_format_generate(client, req, stream)] += 1
+
+        check()
+    assert sum(stats.values()) >= n and stats["OK"] > 0 and stats["INVALID_ARGUMENT"] > 0
+    after_fuzz(fuzz_server, stats, f"fuzz-formats-{n}", started)

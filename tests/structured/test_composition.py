@@ -219,11 +219,11 @@ def test_grammar_failure_mid_generation_fails_only_its_request(tiny_setup):
     other = eng.add_request([8, 9, 10], constrained(CODE))
     eng.step()
     matcher = eng._states[victim].sampling.matcher
-    matcher._error = "the format is too complex to follow: injected"  # as after a matcher ran out of fuel
+    matcher._error = "the grammar engine cannot follow the format here: injected"  # as after a matcher ran out of fuel
     outs = {}
     while eng.has_work():
         outs.update({o.request_id: o for o in eng.step() if o.finished})
     assert outs[victim].finish_reason == "error"
-    assert "ResponseFormatError: response_format.json_schema: the format is too complex" in outs[victim].error
+    assert "ResponseFormatError: response_format.json_schema: the grammar engine cannot follow" in outs[victim].error
     check_output("regex:code", outs[other].text)
     assert eng.check_invariants()["tracked"] == 0
