@@ -30,10 +30,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.scheduling.sampling_params import SamplingParams
-from engine.structured.bitmask import TokenBitmask, apply_token_bitmask, words_for
+from engine.structured.bitmask import TokenBitmask, allowed_any, apply_token_bitmask
 from engine.structured.matcher import GrammarMatcher
 
 
@@ -81,6 +82,14 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``; a CPU float32 one is copied by NumPy, single-threaded (a few MB at most: torch's
+    intra-op threads cost more in synchronisation than the copy)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous():
+        return torch.from_numpy(t.numpy().copy())
+    return t.clone()
 
 
 def _padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -132,7 +141,7 @@ class Sampler:
         fmt_rows = [i for i, s in enumerate(states) if s.matcher is not None]
         if not pen_rows and not min_rows and not fmt_rows:
             return x
-        x = x.clone() if x is logits else x
+        x = _copy(x) if x is logits else x
         if pen_rows:
             self._apply_penalties(x, pen_rows, states)
         eos = tuple(eos_token_ids)
@@ -151,16 +160,11 @@ class Sampler:
 
         A row whose matcher cannot go on, or whose grammar allows no token within the logits, is left unmasked
         (so the step never meets a row of no finite logit); recording its token then fails that request alone."""
-        vocab = x.shape[1]
         matchers = [states[i].matcher for i in rows]
         bitmask = self._bitmask.rows(len(rows), matchers[0].vocab_size)
         for j, (i, m) in enumerate(zip(rows, matchers)):
             m.fill_bitmask(bitmask[j], states[i].output_token_ids)
-        words = words_for(vocab)
-        live = bitmask[:, :words].clone()
-        if vocab % 32:  # bits past the logits belong to no token of this model
-            live[:, -1] &= (1 << (vocab % 32)) - 1
-        for j in (~live.ne(0).any(dim=1)).nonzero().flatten().tolist():
+        for j in np.flatnonzero(~allowed_any(bitmask, x.shape[1])):
             bitmask[j].fill_(-1)
         apply_token_bitmask(x, rows, bitmask)
 

@@ -1,0 +1,287 @@
+"""Structured output: decode throughput with half the rows constrained by JSON Schemas vs no row constrained
+(target: tokens/s ratio >= 0.90), and grammar compile time p50 / p99 over a set of realistic schemas.
+
+    python -m benchmarks.structured [--tiny] [--device cpu|cuda] [--repeats 3] [--batch 16] [--output-len 64]
+                                    [--out report.json]
+
+The model is the 125M bench model with a 32,000-token byte-level BPE tokenizer trained here on the Python
+standard library's sources (the bench model's own tokenizer has only 320 tokens, and the grammar engine's mask
+cost grows with the tokenizer), made once under ``$ASPEN_HOME/bench``.
+
+Throughput: ``--batch`` requests with random 32-token prompts, ``--output-len`` new tokens each, sampled at
+temperature 1 with per-request seeds, in one ``generate`` call. In the constrained run every second request has
+a response format: a JSON array of at least ``output-len`` records of one of the realistic schemas (so no
+constrained row can complete, and both runs decode exactly ``batch x output-len`` tokens); in the free run the
+same requests have no format (and ignore EOS, as the free half of the constrained run does). Runs alternate
+(free, constrained, ...) after one warm-up each; the ratio is of the best runs (medians reported too). The time
+the constrained runs spend computing and applying masks (``Sampler._apply_formats``) is reported per step and
+per constrained row.
+
+Compile time: each realistic schema in ``--variants`` variants (a different ``description`` each, so every
+compile misses the cache) through a fresh :class:`~engine.structured.compiler.GrammarCompiler` on the same
+tokenizer, timed at ``GrammarCompiler.matcher`` (the compile plus the first mask, as ``add_request`` pays it);
+the tokenizer's one-off preparation and a cache hit are reported separately.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+
+from benchmarks.common import bench_home, bench_model, best, device_name, interleaved, median, write_report
+
+TOKENIZER_VOCAB = 32_000
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+SCHEMAS: dict[str, dict] = {
+    "person": {"type": "object", "properties": {"name": _STR, "age": {"type": "integer", "minimum": 0,
+                                                                      "maximum": 150},
+                                                "email": {"type": "string", "format": "email"}},
+               "required": ["name", "age"], "additionalProperties": False},
+    "product": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "price": {"type": "number", "minimum": 0},
+        "tags": {"type": "array", "items": _STR, "maxItems": 5}, "status": {"enum": ["active", "discontinued",
+                                                                                     "draft"]}},
+        "required": ["id", "price", "status"], "additionalProperties": False},
+    "address": {"type": "object", "$defs": {"addr": {"type": "object", "properties": {
+        "street": _STR, "city": _STR, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+        "required": ["street", "city", "zip"], "additionalProperties": False}},
+        "properties": {"home": {"$ref": "#/$defs/addr"}, "work": {"$ref": "#/$defs/addr"}},
+        "required": ["home"], "additionalProperties": False},
+    "tool_call": {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
+        "type": "object", "properties": {"location": _STR, "unit": {"enum": ["celsius", "fahrenheit"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+        "required": ["location"], "additionalProperties": False}}, "required": ["name", "arguments"],
+        "additionalProperties": False},
+    "event": {"type": "object", "properties": {
+        "title": {"type": "string", "minLength": 1}, "start": {"type": "string", "format": "date-time"},
+        "attendees": {"type": "array", "items": {"type": "object", "properties": {
+            "name": _STR, "rsvp": {"type": "boolean"}}, "required": ["name", "rsvp"],
+            "additionalProperties": False}, "minItems": 1, "maxItems": 4}},
+        "required": ["title", "start", "attendees"], "additionalProperties": False},
+    "classification": {"type": "object", "properties": {
+        "label": {"enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+        "required": ["label", "confidence"], "additionalProperties": False},
+    "shape": {"type": "object", "properties": {"shape": {"anyOf": [
+        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}},
+         "required": ["kind", "r"], "additionalProperties": False},
+        {"type": "object", "properties": {"kind": {"const": "rect"}, "w": {"type": "number"},
+                                          "h": {"type": "number"}},
+         "required": ["kind", "w", "h"], "additionalProperties": False}]}},
+        "required": ["shape"], "additionalProperties": False},
+    "tree": {"$defs": {"node": {"type": "object", "properties": {
+        "value": _INT, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}},
+        "required": ["value"], "additionalProperties": False}}, "$ref": "#/$defs/node"},
+    "invoice": {"type": "object", "properties": {
+        "number": {"type": "string", "pattern": "^INV-[0-9]{6}$"}, "date": {"type": "string", "format": "date"},
+        "currency": {"enum": ["USD", "EUR", "GBP", "JPY"]}, "lines": {"type": "array", "items": {
+            "type": "object", "properties": {"sku": _STR, "qty": {"type": "integer", "minimum": 1},
+                                             "unit_price": {"type": "number"}},
+            "required": ["sku", "qty", "unit_price"], "additionalProperties": False}, "minItems": 1},
+        "notes": {"type": ["string", "null"]}},
+        "required": ["number", "date", "currency", "lines"], "additionalProperties": False},
+    "extraction": {"type": "object", "properties": {
+        "entities": {"type": "array", "items": {"type": "object", "properties": {
+            "text": _STR, "type": {"enum": ["PERSON", "ORG", "LOC", "DATE", "MONEY"]},
+            "start": {"type": "integer", "minimum": 0}, "end": {"type": "integer", "minimum": 0}},
+            "required": ["text", "type"], "additionalProperties": False}},
+        "language": {"type": "string", "pattern": "^[a-z]{2}$"}},
+        "required": ["entities"], "additionalProperties": False},
+    "review": {"type": "object", "properties": {
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5}, "summary": {"type": "string", "maxLength": 200},
+        "pros": {"type": "array", "items": _STR}, "cons": {"type": "array", "items": _STR},
+        "recommend": {"type": "boolean"}}, "required": ["rating", "summary", "recommend"],
+        "additionalProperties": False},
+    "sql_query": {"type": "object", "properties": {
+        "table": {"enum": ["users", "orders", "products", "payments"]},
+        "columns": {"type": "array", "items": _STR, "minItems": 1},
+        "where": {"type": "array", "items": {"type": "object", "properties": {
+            "column": _STR, "op": {"enum": ["=", "!=", "<", ">", "<=", ">=", "LIKE"]},
+            "value": {"type": ["string", "number", "boolean", "null"]}},
+            "required": ["column", "op", "value"], "additionalProperties": False}},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        "required": ["table", "columns"], "additionalProperties": False},
+}
+
+
+def tokenizer_corpus() -> list[str]:
+    """The Python standard library's sources, in a fixed order (what the 32k tokenizer is trained on)."""
+    root = os.path.dirname(os.__file__)
+    texts = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True))[:3000]:
+        with open(path, encoding="utf-8", errors="ignore") as f:
+            texts.append(f.read())
+    return texts
+
+
+def bench_model_32k() -> str:
+    """The 125M bench model with a 32k-token byte-level BPE tokenizer (made once: weights linked, not copied)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = os.path.join(bench_home(), "llama-125m-tok32k")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return path
+    base = bench_model("125m")
+    tmp = path + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    for name in os.listdir(base):
+        if not name.startswith(("tokenizer", "special_tokens")) and not os.path.exists(os.path.join(tmp, name)):
+            os.symlink(os.path.join(base, name), os.path.join(tmp, name))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def list_format(name: str, min_items: int):
+    """A JSON array of at least ``min_items`` records of schema ``name`` (never complete within the run)."""
+    from engine.scheduling.response_format import ResponseFormat
+
+    items = dict(SCHEMAS[name])
+    defs = items.pop("$defs", None)  # "#/$defs/..." pointers resolve against the root: the definitions move up
+    wrapper = {"type": "array", "items": items, "minItems": min_items}
+    return ResponseFormat.json_schema({**wrapper, "$defs": defs} if defs else wrapper)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def compile_times(tokenizer, vocab: int, eos: list[int], variants: int) -> dict:
+    from engine.scheduling.response_format import ResponseFormat
+    from engine.structured.compiler import GrammarCompiler
+
+    comp = GrammarCompiler(tokenizer, vocab, eos, cache_size=10_000, timeout_s=60)
+    t0 = time.perf_counter()
+    comp.matcher(ResponseFormat.regex("x"))  # the tokenizer's one-off preparation
+    prepare = time.perf_counter() - t0
+    times: dict[str, list[float]] = {}
+    for v in range(variants):
+        for name, schema in SCHEMAS.items():
+            varied = copy.deepcopy(schema)
+            varied["description"] = f"{name} variant {v}"
+            fmt = ResponseFormat.json_schema(varied)
+            t0 = time.perf_counter()
+            comp.matcher(fmt)
+            times.setdefault(name, []).append(time.perf_counter() - t0)
+    hits = []
+    for name in SCHEMAS:
+        fmt = ResponseFormat.json_schema({**SCHEMAS[name], "description": f"{name} variant 0"})
+        t0 = time.perf_counter()
+        comp.matcher(fmt)
+        hits.append(time.perf_counter() - t0)
+    everything = [t for ts in times.values() for t in ts]
+    ms = 1e3
+    return {"compiles": len(everything), "schemas": len(SCHEMAS), "variants": variants,
+            "tokenizer_prepare_ms": round(prepare * ms, 1),
+            "compile_ms_p50": round(pct(everything, 0.5) * ms, 3),
+            "compile_ms_p99": round(pct(everything, 0.99) * ms, 3),
+            "compile_ms_max": round(max(everything) * ms, 3),
+            "compile_ms_p50_by_schema": {k: round(statistics.median(v) * ms, 3) for k, v in times.items()},
+            "cache_hit_ms_p50": round(pct(hits, 0.5) * ms, 4), "refused": comp.stats().refused}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    import torch
+
+    from benchmarks.vs_transformers import machine, make_engine, make_requests, sync
+    from engine.sampler import Sampler
+    from engine.scheduling.sampling_params import SamplingParams
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the tiny model and its 320-token tokenizer (smoke test)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration (default 3)")
+    ap.add_argument("--batch", type=int, default=None, help="requests per run (default 16; tiny 4)")
+    ap.add_argument("--output-len", type=int, default=None, help="new tokens per request (default 64; tiny 8)")
+    ap.add_argument("--variants", type=int, default=None, help="compiles per schema (default 20; tiny 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    shape = "tiny" if args.tiny else "125m"
+    batch = args.batch or (4 if args.tiny else 16)
+    out_len = args.output_len or (8 if args.tiny else 64)
+    variants = args.variants or (2 if args.tiny else 20)
+    path = bench_model("tiny") if args.tiny else bench_model_32k()
+    from aspen.model.config import ModelConfig
+
+    vocab = ModelConfig.from_dir(path).vocab_size
+    reqs = make_requests(batch, vocab, args.seed, (32, 32), (out_len, out_len))
+    llm = make_engine(path, args.device, reqs)
+    names = list(SCHEMAS)
+    formats = {i: list_format(names[(i // 2) % len(names)], out_len) for i in range(1, batch, 2)}
+
+    def params(i: int, constrained: bool) -> SamplingParams:
+        if constrained and i in formats:
+            return SamplingParams(max_new_tokens=out_len, temperature=1.0, seed=args.seed + i,
+                                  response_format=formats[i])
+        return SamplingParams(max_new_tokens=out_len, temperature=1.0, seed=args.seed + i, ignore_eos=True)
+
+    free_params = [params(i, False) for i in range(batch)]
+    half_params = [params(i, True) for i in range(batch)]
+    prompts = [r.prompt for r in reqs]
+    grammar_s = [0.0]
+    real_apply = Sampler._apply_formats
+
+    def timed_apply(self, x, rows, states):
+        t0 = time.perf_counter()
+        real_apply(self, x, rows, states)
+        grammar_s[0] += time.perf_counter() - t0
+
+    def run(p: list[SamplingParams]) -> None:
+        outs = llm.generate(prompts, p)
+        sync(args.device)
+        if [len(o.token_ids) for o in outs] != [out_len] * batch:
+            raise RuntimeError(f"expected {out_len} tokens per request, got {[len(o.token_ids) for o in outs]}")
+
+    Sampler._apply_formats = timed_apply
+    try:
+        load0 = machine()
+        llm.generate([prompts[0]], [SamplingParams(max_new_tokens=2, temperature=0.0)])
+        t_free, t_half = interleaved(lambda: run(free_params), lambda: run(half_params), args.repeats)
+    finally:
+        Sampler._apply_formats = real_apply
+    steps = (args.repeats + 1) * out_len  # warm-up included
+    constrained_rows = len(formats)
+    tokens = batch * out_len
+    ratio = best(t_free) / best(t_half)
+    compile_report = compile_times(llm.tokenizer, vocab, list(llm.model.config.eos_token_ids), variants)
+    report = {
+        "benchmark": "structured", "shape": shape, "device": device_name(args.device),
+        "tokenizer_tokens": len(llm.tokenizer), "vocab_size": vocab, "batch": batch,
+        "constrained_rows": constrained_rows, "output_len": out_len, "tokens_per_run": tokens,
+        "repeats": args.repeats, "free_seconds": [round(t, 3) for t in t_free],
+        "half_constrained_seconds": [round(t, 3) for t in t_half],
+        "free_tok_s": round(tokens / best(t_free), 2), "half_constrained_tok_s": round(tokens / best(t_half), 2),
+        "constrained_over_free_tok_s": round(ratio, 3),
+        "constrained_over_free_tok_s_median": round(median(t_free) / median(t_half), 3),
+        "grammar_ms_per_step": round(grammar_s[0] / steps * 1e3, 3),
+        "grammar_us_per_constrained_row": round(grammar_s[0] / (steps * constrained_rows) * 1e6, 1),
+        "step_ms_half_constrained_best": round(best(t_half) / out_len * 1e3, 2),
+        "target": ">= 0.90", "meets_target": ratio >= 0.90,
+        "compile": compile_report,
+        "python": sys.version.split()[0], "torch_threads": torch.get_num_threads(),
+        "machine_before": load0, "machine_after": machine(),
+    }
+    write_report(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
