@@ -17,6 +17,11 @@ same requests have no format (and ignore EOS, as the free half of the constraine
 the constrained runs spend computing and applying masks (``Sampler._apply_formats``) is reported per step and
 per constrained row.
 
+Grammar engines (``--compare-engines``, which needs ``xgrammar`` installed beside ``llguidance``): the measurements
+behind the choice of llguidance (:mod:`engine.structured`), on the same tokenizer: compile time of the realistic
+schemas and of two hard cases, mean / p99 time of one next-token mask along random walks through each schema, and
+the JSON Schema keywords each refuses or accepts without enforcing them (:func:`compare_engines`).
+
 Compile time: each realistic schema in ``--variants`` variants (a different ``description`` each, so every
 compile misses the cache) through a fresh :class:`~engine.structured.compiler.GrammarCompiler` on the same
 tokenizer, timed at ``GrammarCompiler.matcher`` (the compile plus the first mask, as ``add_request`` pays it);
@@ -179,8 +184,8 @@ def compile_times(tokenizer, vocab: int, eos: list[int], variants: int) -> dict:
             comp.matcher(fmt)
             times.setdefault(name, []).append(time.perf_counter() - t0)
     hits = []
-    for name in SCHEMAS:
-        fmt = ResponseFormat.json_schema({**SCHEMAS[name], "description": f"{name} variant 0"})
+    for name, schema in SCHEMAS.items():
+        fmt = ResponseFormat.json_schema({**schema, "description": f"{name} variant 0"})
         t0 = time.perf_counter()
         comp.matcher(fmt)
         hits.append(time.perf_counter() - t0)
@@ -193,6 +198,116 @@ def compile_times(tokenizer, vocab: int, eos: list[int], variants: int) -> dict:
             "compile_ms_max": round(max(everything) * ms, 3),
             "compile_ms_p50_by_schema": {k: round(statistics.median(v) * ms, 3) for k, v in times.items()},
             "cache_hit_ms_p50": round(pct(hits, 0.5) * ms, 4), "refused": comp.stats().refused}
+
+
+# keyword -> (a schema using it, a JSON text that violates it): an engine that compiles the schema and lets the
+# text through does not enforce the keyword
+KEYWORD_CASES = {
+    "not": ({"not": {"type": "string"}}, '"x"'),
+    "uniqueItems": ({"type": "array", "items": _INT, "uniqueItems": True}, "[1,1]"),
+    "if/then": ({"if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a":1}'),
+    "dependentRequired": ({"type": "object", "properties": {"a": _INT, "b": _INT},
+                           "dependentRequired": {"a": ["b"]}}, '{"a":1}'),
+    "contains": ({"type": "array", "contains": {"const": 3}}, "[1]"),
+    "propertyNames": ({"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}}, '{"A1":1}'),
+    "multipleOf": ({"type": "integer", "multipleOf": 5}, "7"),
+}
+HARD = {"enum_10k": {"enum": [f"value_{i}_xyz" for i in range(10_000)]},
+        "email_string": {"type": "string", "format": "email"}}
+
+
+def _engine_api(name: str, tokenizer, vocab: int):
+    """(compile(schema) -> grammar, walker(grammar), allowed() -> the ids the last fill allows) of one engine; a
+    walker is (fill(), accept(token) -> bool, done() -> nothing may follow, complete() -> the text so far is a whole
+    value)."""
+    import torch
+
+    row = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+
+    def allowed() -> list[int]:
+        bits = row.numpy().view("uint8")
+        return [t for t in range(vocab) if bits[t >> 3] >> (t & 7) & 1]
+
+    if name == "xgrammar":
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+        comp = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        mask = row.view(1, -1)
+
+        def walker(g):
+            m = xgr.GrammarMatcher(g)
+            return (lambda: m.fill_next_token_bitmask(mask, 0)), m.accept_token, m.is_terminated, m.is_completed
+
+        return (lambda s: comp.compile_json_schema(json.dumps(s))), walker, allowed
+    import llguidance.hf
+    from llguidance import LLMatcher
+
+    info = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+
+    def compile_(s):
+        g = LLMatcher.grammar_from_json_schema(s, defaults={"whitespace_flexible": False})
+        m = LLMatcher(info, g, log_level=0)
+        if m.is_error():
+            raise ValueError(m.get_error())
+        return g
+
+    def walker(g):
+        m = LLMatcher(info, g, log_level=0)
+        return ((lambda: m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)), m.consume_token, m.is_stopped,
+                m.is_accepting)
+
+    return compile_, walker, allowed
+
+
+def compare_engines(tokenizer, vocab: int, steps: int = 60) -> dict:
+    """Per grammar engine installed: compile and mask times on ``tokenizer`` and JSON Schema keyword handling."""
+    import importlib.metadata
+    import importlib.util
+    import random
+
+    out = {}
+    for name in ("llguidance", "xgrammar"):
+        if importlib.util.find_spec(name) is None:
+            out[name] = "not installed"
+            continue
+        t0 = time.perf_counter()
+        compile_, walker, allowed = _engine_api(name, tokenizer, vocab)
+        prepare = time.perf_counter() - t0
+        times, masks, rng = {}, [], random.Random(0)
+        for key, schema in SCHEMAS.items():
+            t0 = time.perf_counter()
+            grammar = compile_(schema)
+            times[key] = time.perf_counter() - t0
+            fill, accept, done, _ = walker(grammar)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                fill()
+                masks.append(time.perf_counter() - t0)
+                ok = allowed()
+                if not ok or done() or not accept(rng.choice(ok)) or done():
+                    break
+        hard = {}
+        for key, schema in HARD.items():
+            t0 = time.perf_counter()
+            compile_(schema)
+            hard[key] = round((time.perf_counter() - t0) * 1e3, 1)
+        refused, ignored = [], []
+        for key, (schema, invalid) in KEYWORD_CASES.items():
+            try:
+                _, accept, _, complete = walker(compile_(schema))
+            except Exception:  # noqa: BLE001 -- a refusal is the answer being measured
+                refused.append(key)
+                continue
+            if all(accept(t) for t in tokenizer(invalid, add_special_tokens=False).input_ids) and complete():
+                ignored.append(key)
+        out[name] = {"version": importlib.metadata.version(name), "tokenizer_prepare_ms": round(prepare * 1e3, 1),
+                     "compile_ms_p50": round(pct(list(times.values()), 0.5) * 1e3, 2),
+                     "compile_ms_by_schema": {k: round(v * 1e3, 2) for k, v in times.items()},
+                     "hard_compile_ms": hard, "mask_us_mean": round(statistics.mean(masks) * 1e6, 1),
+                     "mask_us_p99": round(pct(masks, 0.99) * 1e6, 1), "masks": len(masks),
+                     "keywords_refused": refused, "keywords_accepted_not_enforced": ignored}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -212,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-len", type=int, default=None, help="new tokens per request (default 64; tiny 8)")
     ap.add_argument("--variants", type=int, default=None, help="compiles per schema (default 20; tiny 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-engines", action="store_true", help="only compare the grammar engines installed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else "125m"
@@ -222,6 +338,13 @@ def main(argv: list[str] | None = None) -> dict:
     from aspen.model.config import ModelConfig
 
     vocab = ModelConfig.from_dir(path).vocab_size
+    if args.compare_engines:
+        from transformers import AutoTokenizer
+
+        report = {"benchmark": "structured_engines", "shape": shape, "device": device_name("cpu"),
+                  "tokenizer_tokens": vocab, "engines": compare_engines(AutoTokenizer.from_pretrained(path), vocab)}
+        write_report(args.out, report)
+        return report
     reqs = make_requests(batch, vocab, args.seed, (32, 32), (out_len, out_len))
     llm = make_engine(path, args.device, reqs)
     names = list(SCHEMAS)

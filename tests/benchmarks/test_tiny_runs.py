@@ -140,3 +140,15 @@ def test_churn_slices_cover_the_workload_and_rebase_arrivals():
     assert slice_bounds(10, 3) == [(0, 3), (3, 7), (7, 10)] and slice_bounds(2, 5) == [(0, 1), (1, 2)]
     specs = [RequestSpec(i, 1.5 + i, None, [4], 1, 2) for i in range(3)]
     assert [s.arrival for s in rebase(specs[1:])] == [0.0, 1.0] and rebase([]) == []
+
+
+def test_structured(home, tmp_path):
+    from benchmarks.structured import main
+
+    r = main(["--tiny", "--repeats", "1", "--out", str(tmp_path / "r.json")])
+    assert _report(tmp_path / "r.json") == r
+    assert r["constrained_rows"] == r["batch"] // 2 and r["tokens_per_run"] == r["batch"] * r["output_len"]
+    assert r["free_tok_s"] > 0 and r["half_constrained_tok_s"] > 0 and isinstance(r["meets_target"], bool)
+    c = r["compile"]
+    assert c["compiles"] == c["schemas"] * c["variants"] and c["refused"] == 0
+    assert 0 < c["compile_ms_p50"] <= c["compile_ms_p99"] <= c["compile_ms_max"]

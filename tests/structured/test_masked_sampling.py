@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from engine import ResponseFormat, SamplingParams
@@ -116,3 +117,13 @@ def test_bitmask_buffer_reused():
     b = buf.rows(2, 1000)
     assert a.shape == (4, words_for(1000)) and b.shape == (2, words_for(1000))
     assert a.data_ptr() == b.data_ptr() and b.is_contiguous()
+
+
+@pytest.mark.gpu
+def test_device_path_matches_the_cpu_path():
+    packed, _ = random_bitmask(3, V, 1)
+    x = torch.randn(6, V)
+    on_device = x.cuda()
+    apply_token_bitmask(x, [0, 2, 5], packed)
+    apply_token_bitmask(on_device, [0, 2, 5], packed)
+    assert torch.equal(on_device.cpu(), x)
