@@ -7,16 +7,16 @@
 2. ``min_new_tokens``: while ``len(output) < min_new_tokens`` the ``stop_token_ids`` and, unless ``ignore_eos``,
    the EOS ids are set to ``-inf`` (with ``ignore_eos`` EOS cannot end the request, so it is never masked and may
    be sampled as an ordinary token);
-2b. response format: rows with a grammar matcher (``SamplingState.matcher``) get every token that cannot continue
+3. response format: rows with a grammar matcher (``SamplingState.matcher``) get every token that cannot continue
    their format set to ``-inf`` (one packed bitmask for the constrained rows, :mod:`engine.structured.bitmask`);
    rows without one are not touched and a step without any does no grammar work at all;
-3. greedy rows (``params.greedy``) take the argmax of the result: exact and deterministic;
-4. other rows: divide by temperature, then truncate with top-k (exactly ``k`` tokens, ties broken towards the lower
+4. greedy rows (``params.greedy``) take the argmax of the result: exact and deterministic;
+5. other rows: divide by temperature, then truncate with top-k (exactly ``k`` tokens, ties broken towards the lower
    id), top-p (the smallest prefix of the sorted distribution whose mass reaches ``top_p``, after top-k) and min-p
    (drop tokens with probability below ``min_p`` times the largest), then draw from the softmax.
 
-Log-probabilities (``params.logprobs`` not ``None``) are ``log_softmax`` of the *processed* row: after steps 1, 2,
-2b and the temperature of step 4 (greedy rows use temperature 1), **before** the top-k / top-p / min-p truncation, so
+Log-probabilities (``params.logprobs`` not ``None``) are ``log_softmax`` of the *processed* row: after steps 1 to 3
+and the temperature of step 5 (greedy rows use temperature 1), **before** the top-k / top-p / min-p truncation, so
 alternatives outside the truncated support still get finite values; masked tokens (``-inf``) are never listed
 among the top alternatives. :meth:`Sampler.process` returns exactly these processed logits.
 
@@ -121,7 +121,7 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, states: Sequence[SamplingState],
                 eos_token_ids: Sequence[int] = ()) -> torch.Tensor:
-        """Penalties, ``min_new_tokens`` masking and temperature (1 for greedy rows) applied to a float32 copy.
+        """Penalties, ``min_new_tokens`` and response-format masks and temperature (1 for greedy rows), on a float32 copy.
 
         This is the distribution that log-probabilities are reported on; ``logits`` is never modified.
         """

@@ -64,7 +64,7 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aspen-grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a future already done runs _store in this thread
         self._cache: OrderedDict[tuple, _Compiled] = OrderedDict()
         self._pending: dict[tuple, Future] = {}
         self._info = None
