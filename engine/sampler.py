@@ -121,7 +121,7 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, states: Sequence[SamplingState],
                 eos_token_ids: Sequence[int] = ()) -> torch.Tensor:
-        """Penalties, ``min_new_tokens`` and response-format masks and temperature (1 for greedy rows), on a float32 copy.
+        """Penalties, ``min_new_tokens`` and format masks, then temperature (1 for greedy rows), on a float32 copy.
 
         This is the distribution that log-probabilities are reported on; ``logits`` is never modified.
         """
