@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import bench_home, bench_model, best, device_name, median, write_report
+from benchmarks.common import ReportFile, bench_home, bench_model, best, device_name, median
 
 TOKENIZER_VOCAB = 32_000
 
@@ -342,10 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_engines:
         from transformers import AutoTokenizer
 
-        report = {"benchmark": "structured_engines", "shape": shape, "device": device_name("cpu"),
-                  "tokenizer_tokens": vocab, "engines": compare_engines(AutoTokenizer.from_pretrained(path), vocab)}
-        write_report(args.out, report)
-        return report
+        report = ReportFile("structured_engines", args.out)
+        return report.complete({"shape": shape, "device": device_name("cpu"), "tokenizer_tokens": vocab,
+                                "engines": compare_engines(AutoTokenizer.from_pretrained(path), vocab)})
     reqs = make_requests(batch, vocab, args.seed, (32, 32), (out_len, out_len))
     free_llm, half_llm = make_engine(path, args.device, reqs), make_engine(path, args.device, reqs)
     names = list(SCHEMAS)
@@ -397,39 +396,46 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = [run_pair(rep) for rep in range(args.repeats)]
     finally:
         Sampler._apply_formats = real_apply
-    # decode steps only: the first step of a run is the prefill (and the first token of every row)
-    free_steps = [t for f, _ in pairs for t in f[1:]]
-    half_steps = [t for _, h in pairs for t in h[1:]]
-    step_ratios = [f / h for fs, hs in pairs for f, h in zip(fs[1:], hs[1:])]
-    ratio = median(step_ratios)
     steps = args.repeats * out_len
     constrained_rows = len(formats)
-    compile_report = compile_times(half_llm.tokenizer, vocab, list(half_llm.model.config.eos_token_ids), variants)
-    report = {
-        "benchmark": "structured", "shape": shape, "device": device_name(args.device),
-        "tokenizer_tokens": len(half_llm.tokenizer), "vocab_size": vocab, "batch": batch,
-        "constrained_rows": constrained_rows, "output_len": out_len, "tokens_per_run": batch * out_len,
-        "repeats": args.repeats, "decode_steps_timed": len(step_ratios),
-        "free_run_seconds": [round(sum(f), 3) for f, _ in pairs],
-        "half_constrained_run_seconds": [round(sum(h), 3) for _, h in pairs],
-        "free_step_ms_median": round(median(free_steps) * 1e3, 2),
-        "half_constrained_step_ms_median": round(median(half_steps) * 1e3, 2),
-        "free_step_ms_best": round(best(free_steps) * 1e3, 2),
-        "half_constrained_step_ms_best": round(best(half_steps) * 1e3, 2),
-        "free_tok_s": round(batch / median(free_steps), 2),
-        "half_constrained_tok_s": round(batch / median(half_steps), 2),
-        "constrained_over_free_tok_s": round(ratio, 3),
-        "step_ratio_p10_p90": [round(pct(step_ratios, 0.1), 3), round(pct(step_ratios, 0.9), 3)],
-        "constrained_over_free_tok_s_of_medians": round(median(free_steps) / median(half_steps), 3),
-        "grammar_ms_per_step": round(grammar_s[0] / steps * 1e3, 3),
-        "grammar_us_per_constrained_row": round(grammar_s[0] / (steps * constrained_rows) * 1e6, 1),
-        "target": ">= 0.90", "meets_target": ratio >= 0.90,
-        "compile": compile_report,
+    report = ReportFile("structured", args.out)
+    report.measured({
+        "shape": shape, "device": device_name(args.device), "tokenizer_tokens": len(half_llm.tokenizer),
+        "vocab_size": vocab, "batch": batch, "constrained_rows": constrained_rows, "output_len": out_len,
+        "tokens_per_run": batch * out_len, "repeats": args.repeats,
+        "free_step_seconds": [[round(t, 5) for t in f] for f, _ in pairs],
+        "half_constrained_step_seconds": [[round(t, 5) for t in h] for _, h in pairs],
+        "grammar_seconds": round(grammar_s[0], 4),
         "python": sys.version.split()[0], "torch_threads": torch.get_num_threads(),
         "machine_before": load0, "machine_after": machine(),
-    }
-    write_report(args.out, report)
-    return report
+    })
+    with report.guarded():
+        compile_report = compile_times(half_llm.tokenizer, vocab, list(half_llm.model.config.eos_token_ids),
+                                       variants)
+        report.measured({"compile": compile_report})
+        # decode steps only: the first step of a run is the prefill (and the first token of every row)
+        free_steps = [t for f, _ in pairs for t in f[1:]]
+        half_steps = [t for _, h in pairs for t in h[1:]]
+        step_ratios = [f / h for fs, hs in pairs for f, h in zip(fs[1:], hs[1:])]
+        ratio = median(step_ratios)
+        figures = {
+            "decode_steps_timed": len(step_ratios),
+            "free_run_seconds": [round(sum(f), 3) for f, _ in pairs],
+            "half_constrained_run_seconds": [round(sum(h), 3) for _, h in pairs],
+            "free_step_ms_median": round(median(free_steps) * 1e3, 2),
+            "half_constrained_step_ms_median": round(median(half_steps) * 1e3, 2),
+            "free_step_ms_best": round(best(free_steps) * 1e3, 2),
+            "half_constrained_step_ms_best": round(best(half_steps) * 1e3, 2),
+            "free_tok_s": round(batch / median(free_steps), 2),
+            "half_constrained_tok_s": round(batch / median(half_steps), 2),
+            "constrained_over_free_tok_s": round(ratio, 3),
+            "step_ratio_p10_p90": [round(pct(step_ratios, 0.1), 3), round(pct(step_ratios, 0.9), 3)],
+            "constrained_over_free_tok_s_of_medians": round(median(free_steps) / median(half_steps), 3),
+            "grammar_ms_per_step": round(grammar_s[0] / steps * 1e3, 3),
+            "grammar_us_per_constrained_row": round(grammar_s[0] / (steps * constrained_rows) * 1e6, 1),
+            "target": ">= 0.90", "meets_target": ratio >= 0.90,
+        }
+    return report.complete(figures)
 
 
 if __name__ == "__main__":
