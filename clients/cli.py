@@ -79,6 +79,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
     p.add_argument("--verbose", "-v", action="store_true", help="print finish reason and usage to stderr")
+    f = p.add_argument_group("response format (at most one; the output is guaranteed to match it)")
+    fmt = f.add_mutually_exclusive_group()
+    fmt.add_argument("--json-object", action="store_true", help="any JSON object")
+    fmt.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema: its JSON text, or @FILE")
+    fmt.add_argument("--regex", help="a regular expression the whole output matches")
+    fmt.add_argument("--grammar", metavar="LARK", help="a Lark grammar: its text, or @FILE")
+    fmt.add_argument("--choice", action="append", metavar="TEXT", help="one allowed output (repeatable)")
 
 
 _PARAM_ARGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
@@ -93,6 +100,13 @@ def run_generate(args: argparse.Namespace) -> int:
     params = {k: getattr(args, k) for k in _PARAM_ARGS if getattr(args, k) is not None}
     if args.ignore_eos:
         params["ignore_eos"] = True
+    try:
+        response_format = _response_format(args)
+    except OSError as e:
+        print(f"aspen generate: error: {e}", file=sys.stderr)
+        return 1
+    if response_format is not None:
+        params["response_format"] = response_format
     try:
         with connect(args) as client:
             if args.no_stream:
@@ -115,6 +129,29 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"aspen generate: error: {getattr(last, 'error', '') or 'generation failed'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _text_or_file(value: str) -> str:
+    """``@FILE`` reads FILE; anything else is the text itself."""
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """The ``response_format`` the flags ask for (see :func:`clients.client.format_message`), or None."""
+    if args.json_object:
+        return {"json_object": True}
+    if args.json_schema is not None:
+        return {"json_schema": _text_or_file(args.json_schema)}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.grammar is not None:
+        return {"grammar": _text_or_file(args.grammar)}
+    if args.choice:
+        return {"choice": args.choice}
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- adapters

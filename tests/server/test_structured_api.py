@@ -102,3 +102,21 @@ def test_format_message_shapes():
         format_message({"type": "text"})
     with pytest.raises(TypeError):
         format_message("json")
+
+
+def test_generate_command_takes_a_response_format(served, tmp_path, capsys):
+    from aspen.cli import main
+
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS["tool_call"]))
+    base = ["generate", "--server", served.address, "--temperature", "0", "--max-new-tokens", str(MAX_FORMAT_TOKENS)]
+    assert main([*base, "--adapter", "a1", "--json-schema", f"@{schema_file}", "The quick brown fox"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMAS["tool_call"])
+    assert main([*base, "--no-stream", "--regex", "[a-c]{3}-[0-9]{2}", "A small cat"]) == 0
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", capsys.readouterr().out.strip())
+    assert main([*base, "--choice", "yes", "--choice", "no", "Is it raining?"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    assert main([*base, "--json-schema", "@/nonexistent/schema.json", "x"]) == 1  # names the unreadable file
+    assert "/nonexistent/schema.json" in capsys.readouterr().err
+    assert main([*base, "--regex", "(?=a)a", "x"]) == 1  # refused by the engine: INVALID_ARGUMENT with its field
+    assert "response_format.regex" in capsys.readouterr().err
