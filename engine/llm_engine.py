@@ -5,8 +5,8 @@
 
 ``add_request`` and ``abort`` may be called from any thread: ``add_request`` checks every rule of a request at
 once, its response format's grammar included (so bad input fails in the caller, with a typed error naming the
-field at fault, and no compile ever runs on the engine thread) and both queue a command
-that the next ``step`` applies. A front end only maps those errors to its own statuses. ``generate`` drives ``step`` itself; the server
+field at fault, and no compile ever runs on the engine thread), and both queue a command that the next ``step``
+applies. A front end only maps those errors to its own statuses. ``generate`` drives ``step`` itself; the server
 uses :class:`engine.async_engine.AsyncLLMEngine`, which drives it from a background thread.
 """
 from __future__ import annotations
@@ -99,17 +99,17 @@ class LLMEngine:
         bpb = KVCache.bytes_per_block(mc, cfg.block_size, self.model.dtype)
         page = LoraPool.bytes_per_page(mc, pool_dtype)
         adapter_pages, shape = capacity.largest_adapter_pages(self.adapter_dir, mc)
-        explicit_pages = cfg.lora_pool_pages or (max(1, cfg.lora_pool_bytes // page) if cfg.lora_pool_bytes
-                                                 else None)
-        derived = cfg.num_kv_blocks is None and cfg.kv_cache_bytes is None or explicit_pages is None or (
-            self.adapter_dir is not None and cfg.host_adapter_bytes is None)
+        # explicit sizes (None: derived from memory_utilization)
+        kv_blocks = cfg.num_kv_blocks or (cfg.kv_cache_bytes // bpb if cfg.kv_cache_bytes else None)
+        pool_pages = cfg.lora_pool_pages or (max(1, cfg.lora_pool_bytes // page) if cfg.lora_pool_bytes else None)
+        needs_host = self.adapter_dir is not None and cfg.host_adapter_bytes is None
+        derived = kv_blocks is None or pool_pages is None or needs_host
         plan = capacity.plan_capacity(capacity.CapacityRequest(
             available_bytes=capacity.available_memory(self.model.device) if derived else 0,
             utilization=cfg.memory_utilization, kv_bytes_per_block=bpb, block_size=cfg.block_size,
             page_bytes=page, adapter_pages=adapter_pages, max_num_seqs=cfg.max_num_seqs,
             max_model_len=self.max_model_len, adapters=self.adapter_dir is not None,
-            kv_blocks=cfg.num_kv_blocks or (cfg.kv_cache_bytes // bpb if cfg.kv_cache_bytes else None),
-            pool_pages=explicit_pages, host_bytes=cfg.host_adapter_bytes))
+            kv_blocks=kv_blocks, pool_pages=pool_pages, host_bytes=cfg.host_adapter_bytes))
         adapters = (f"; {plan.device_adapters} adapters of the largest shape ({shape}) in the device pool "
                     f"({plan.pool_pages} pages), ~{plan.host_adapters} in the host tier "
                     f"({plan.host_bytes / capacity.GiB:.2f} GiB)") if self.adapter_dir is not None else ""
@@ -119,6 +119,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str) -> list[int]:
+        """The token ids of ``text``; RequestError("prompt") without tokenizing a text too long to ever fit the
+        context (:data:`PROMPT_CHARS_SLACK`)."""
+        if len(text) > self.max_prompt_chars:
+            raise RequestError("prompt", f"{len(text)} characters can never fit the context of "
+                                         f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
         return list(self.tokenizer(text).input_ids)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -196,10 +201,6 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt", "the prompt is empty")
-            if len(prompt) > self.max_prompt_chars:
-                raise RequestError("prompt", f"{len(prompt)} characters can never fit the context of "
-                                             f"{self.max_model_len} tokens (at most {self.max_prompt_chars} "
-                                             "characters)")
             ids = self.tokenize(prompt)
             if not ids:
                 raise RequestError("prompt", "the prompt is empty after tokenization")

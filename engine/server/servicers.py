@@ -84,14 +84,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 yield msg
 
     async def Tokenize(self, request, context):
-        async with self.server.call(context):
+        async with self.server.call(context) as call:
             engine = self.server.engine
-            # Tokenize is no engine request (nothing validates it on its way in): refuse, without tokenizing it,
-            # a text too long to ever fit the context, by the engine's own limit
-            if len(request.text) > engine.max_prompt_chars:
-                raise errs.InvalidArgument("text", f"{len(request.text)} characters can never fit the context of "
-                                                   f"{engine.max_model_len} tokens (at most "
-                                                   f"{engine.max_prompt_chars} characters)")
+            call.prompt_field = "text"  # the engine's tokenize refuses a text too long to ever fit the context
 
             def work():
                 ids = engine.tokenize(request.text) if request.text else []
