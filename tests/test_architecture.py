@@ -20,7 +20,7 @@ from pathlib import Path
 #: one listed after it. A pattern names a module; ``pkg.*`` names every module below ``pkg``. A module belongs
 #: to the layer of the longest pattern it matches.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("errors", ("aspen.errors",)),
+    ("base", ("aspen.errors", "aspen.files")),  # errors, the cache home and its file locks
     ("kernels", ("aspen.kernels", "aspen.kernels.*")),
     ("model", ("aspen.model", "aspen.model.*")),
     ("lora", ("aspen.lora", "aspen.lora.*")),

@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 
+from aspen.files import aspen_home
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 # Files a usable checkpoint must have; everything else in ASSETS_DIR is copied too.
@@ -27,8 +29,8 @@ __all__ = ["ASSETS_DIR", "DEMO_PROMPTS", "REQUIRED_FILES", "default_home", "ensu
 
 
 def default_home() -> str:
-    """``$ASPEN_HOME`` if set, else ``~/.cache/aspen``."""
-    return os.environ.get("ASPEN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "aspen")
+    """``$ASPEN_HOME`` if set, else ``~/.cache/aspen`` (:func:`aspen.files.aspen_home`)."""
+    return aspen_home()
 
 
 def _asset_files() -> list[str]:

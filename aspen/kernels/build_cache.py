@@ -23,6 +23,8 @@ import sysconfig
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from aspen.files import aspen_home
+
 #: Part of every key: changed when the way a build is made changes in a way the rest of the key does not show.
 RECIPE = 1
 #: Hex digits of the key in a build directory's name (64 bits: no two builds in one cache collide by chance).
@@ -34,8 +36,7 @@ def cache_root() -> str:
     explicit = os.environ.get("ASPEN_KERNEL_CACHE")
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
-    home = os.environ.get("ASPEN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "aspen")
-    return os.path.abspath(os.path.join(os.path.expanduser(home), "kernels"))
+    return os.path.join(aspen_home(), "kernels")
 
 
 @dataclass(frozen=True)

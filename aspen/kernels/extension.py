@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from aspen.files import lock, try_lock
 from aspen.kernels.build_cache import BuildKey, build_key, cache_root
 
 log = logging.getLogger("aspen.kernels")
@@ -157,7 +158,7 @@ class Extension:
                 return "cached"
             directory = self.build_dir()
             os.makedirs(directory, exist_ok=True)
-            self._lock_fd = _try_lock(os.path.join(directory, LOCK))
+            self._lock_fd = try_lock(os.path.join(directory, LOCK))
             if self._lock_fd is None:
                 return "wait"
             if self.is_built():  # finished by another process between the look and the lock
@@ -191,11 +192,11 @@ class Extension:
                 log.debug("loaded %s from %s", self.name, directory)
                 return module
             os.makedirs(directory, exist_ok=True)
-            self._lock_fd = _try_lock(os.path.join(directory, LOCK))
+            self._lock_fd = try_lock(os.path.join(directory, LOCK))
             if self._lock_fd is None:
                 if self._plan != "wait":  # else the batch said so
                     log.info("waiting for another process's build of %s in %s", self.name, directory)
-                self._lock_fd = _lock(os.path.join(directory, LOCK))
+                self._lock_fd = lock(os.path.join(directory, LOCK))
         module = _import_build(directory)  # again, with the lock held: another process may have built it meanwhile
         if module is not None:
             log.info("loaded %s, built by another process", self.name)
@@ -246,33 +247,6 @@ def _import_build(directory: str) -> ModuleType | None:
         raise RuntimeError(f"the build in {directory} does not load ({e}); delete that directory to rebuild "
                            "it") from e
     return module
-
-
-def _try_lock(path: str) -> int | None:
-    """An open descriptor of ``path`` holding its exclusive flock, or None where another process holds it. The
-    system drops the flock when the descriptor is closed or the process ends, however it ends."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _lock(path: str) -> int:
-    """Like :func:`_try_lock`, waiting for the flock as long as another process holds it."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _write_atomically(path: str, data: bytes) -> None:

@@ -12,7 +12,6 @@ one conversion instead of racing, and an interrupted one leaves nothing under th
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from aspen.files import aspen_home, lock, try_lock
 from aspen.model.gguf import CONFIG_FILE, WEIGHTS_FILE, GGUFHeader, convert
 
 log = logging.getLogger("aspen.model")
@@ -37,8 +37,7 @@ HASH_BAR_BYTES = 256 << 20
 
 def cache_root() -> str:
     """The folder that holds the converted copies and the remembered digests."""
-    home = os.environ.get("ASPEN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "aspen")
-    return os.path.abspath(os.path.join(os.path.expanduser(home), "gguf"))
+    return os.path.join(aspen_home(), "gguf")
 
 
 def file_digest(path: str, progress: bool = True) -> str:
@@ -108,13 +107,11 @@ class GGUFCheckpoint:
             return self.directory
         root = os.path.dirname(self.directory)
         os.makedirs(root, exist_ok=True)
-        fd = os.open(self.directory + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = try_lock(self.directory + ".lock")
+        if fd is None:
+            log.info("waiting for another process's conversion of %s into %s", self.source, self.directory)
+            fd = lock(self.directory + ".lock")
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process's conversion of %s into %s", self.source, self.directory)
-                fcntl.flock(fd, fcntl.LOCK_EX)
             if self.cached():  # converted by the process we waited for
                 return self.directory
             self._convert_locked(root)
