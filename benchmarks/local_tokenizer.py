@@ -9,9 +9,14 @@ TEXT = (
 
 VOCAB = 320
 
+#: A ChatML-like template over the tokenizer's own special tokens: each turn is ``<s>ROLE\nCONTENT</s>\n``.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
-def make_tokenizer(out_dir: str):
-    """A byte-level BPE tokenizer trained on TEXT, saved as a transformers fast tokenizer."""
+
+def make_tokenizer(out_dir: str, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on TEXT, saved as a transformers fast tokenizer (with
+    ``chat_template``, None for none)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -23,5 +28,7 @@ def make_tokenizer(out_dir: str):
     tok.train_from_iterator([TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(out_dir)
     return fast

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+from engine.chat import ChatPrompt
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.scheduling.errors import DuplicateRequestError
@@ -90,7 +91,7 @@ class AsyncLLMEngine:
             self._deliver(rid, error)
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+    async def generate(self, prompt: str | Sequence[int] | ChatPrompt, params: SamplingParams | None = None,
                        adapter_id: str | None = None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (each carries the delta since the previous one; the last is finished).
 

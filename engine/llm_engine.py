@@ -27,6 +27,7 @@ from aspen.model.kv_cache import KVCache
 from engine import capacity
 from engine.adapters.cache import AdapterCache, AdapterInfo
 from engine.adapters.paths import list_adapter_dirs
+from engine.chat import ChatPrompt, ChatTemplates
 from engine.config import EngineConfig
 from engine.lora_backend import LoraBackend
 from engine.model_runner import ModelRunner
@@ -87,6 +88,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv, pool, seed=cfg.seed)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, mc.eos_token_ids,
                                         cache_size=cfg.grammar_cache_size, timeout_s=cfg.grammar_compile_timeout_s)
+        self.chat_templates = ChatTemplates(self.tokenizer)
         self._states: dict[str, RequestState] = {}
         self._commands: deque[tuple[str, object]] = deque()
         self._lock = threading.Lock()  # guards _commands and _states membership
@@ -126,14 +128,19 @@ class LLMEngine:
                                          f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
         return list(self.tokenizer(text).input_ids)
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | Sequence[int] | ChatPrompt, params: SamplingParams | None = None,
                     adapter_id: str | None = None, request_id: str | None = None) -> str:
         """Validate and queue a request; returns its id. Every rule of a request is checked here, once; a refusal
-        raises before anything is queued:
+        raises before anything is queued.
+
+        ``prompt`` is a text, token ids, or a :class:`~engine.chat.ChatPrompt` rendered with the chat template
+        of the adapter (if its directory has one) or of the checkpoint, generation prompt added; a chat request
+        also ends at the template's end-of-turn token (finish reason ``eos``). Refusals:
 
         * :class:`RequestError` naming ``prompt`` (empty, a text too long to ever fit the context, token ids
-          outside ``[0, vocab)``, more KV than the pool holds) or ``request_id`` (not a non-empty string of at
-          most :data:`MAX_REQUEST_ID_CHARS` characters); :class:`DuplicateRequestError` for an id in use;
+          outside ``[0, vocab)``, more KV than the pool holds), ``messages`` (see :mod:`engine.chat`: none, an
+          unknown role, no chat template) or ``request_id`` (not a non-empty string of at most
+          :data:`MAX_REQUEST_ID_CHARS` characters); :class:`DuplicateRequestError` for an id in use;
         * :class:`SamplingParamsError` for parameters that do not fit this model (context, vocabulary, a stop
           mask covering the whole vocabulary; ``SamplingParams`` refuses its own out-of-range values itself);
         * :class:`ResponseFormatError` (a :class:`RequestError` naming ``response_format.<kind>``) for a response
@@ -146,17 +153,26 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         rid = self._request_id(request_id)
-        ids = self._prompt_ids(prompt)
+        end_of_turn: tuple[int, ...] = ()
+        chat = isinstance(prompt, ChatPrompt)
+        if chat:  # the adapter first: its directory may hold the template
+            if adapter_id is not None:
+                self._require_adapter(adapter_id)
+            adapter_dir = self.adapter_cache.path(adapter_id) if adapter_id is not None else None
+            rendered = self.chat_templates.render(prompt, self.max_prompt_chars, adapter_dir)
+            ids, end_of_turn = self._prompt_ids(rendered.prompt_token_ids), rendered.end_of_turn_ids
+        else:
+            ids = self._prompt_ids(prompt)
         params.check_context(len(ids), self.max_model_len)
         params.check_vocab(self.model.config.vocab_size)
         self._check_stop_mask(params)
         fmt = params.response_format
         matcher = self.grammars.matcher(fmt) if fmt is not None else None
-        if adapter_id is not None:
+        if adapter_id is not None and not chat:
             self._require_adapter(adapter_id)
         request = Request(rid, ids, params, adapter_id)
         self.scheduler.check(request)  # KV pool and batch limits: fail here, never inside a step
-        state = RequestState(request, self.tokenizer, self.model.device, matcher)
+        state = RequestState(request, self.tokenizer, self.model.device, matcher, end_of_turn)
         with self._lock:
             if rid in self._states:
                 raise DuplicateRequestError(rid)

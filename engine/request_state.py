@@ -16,12 +16,15 @@ from engine.structured.matcher import GrammarMatcher
 
 class RequestState:
     def __init__(self, request: Request, tokenizer, device: torch.device,
-                 matcher: GrammarMatcher | None = None) -> None:
+                 matcher: GrammarMatcher | None = None, end_of_turn_ids: Sequence[int] = ()) -> None:
+        """``end_of_turn_ids``: tokens that end this request like an EOS token (a chat template's end of turn)."""
         self.request = request
         p = request.params
         self.detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, p.skip_special_tokens, p.stop)
         # shares the request's output list: the scheduler appends each sampled token to it
-        self.sampling = SamplingState(p, request.prompt_token_ids, request.output_token_ids, matcher=matcher)
+        self.end_of_turn_ids = tuple(end_of_turn_ids)
+        self.sampling = SamplingState(p, request.prompt_token_ids, request.output_token_ids, matcher=matcher,
+                                      end_of_turn_ids=self.end_of_turn_ids)
         self.logprobs: list[TokenLogprob] = []
         self.stop_reason: str | int | None = None
         self._delta_text = ""
@@ -50,7 +53,8 @@ class RequestState:
         reason = None
         if n >= p.min_new_tokens and token in p.stop_token_ids:
             reason, self.stop_reason = FinishReason.STOP, token
-        elif n >= p.min_new_tokens and not p.ignore_eos and token in eos_token_ids:
+        elif n >= p.min_new_tokens and not p.ignore_eos and (token in eos_token_ids
+                                                             or token in self.end_of_turn_ids):
             reason = FinishReason.EOS
         elif self.detok.stopped:
             reason, self.stop_reason = FinishReason.STOP, self.detok.stop_reason

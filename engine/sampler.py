@@ -5,7 +5,7 @@
 
 1. penalties: repetition (HF, over prompt + output), then frequency and presence (OpenAI, over output);
 2. ``min_new_tokens``: while ``len(output) < min_new_tokens`` the ``stop_token_ids`` and, unless ``ignore_eos``,
-   the EOS ids are set to ``-inf`` (with ``ignore_eos`` EOS cannot end the request, so it is never masked and may
+   the EOS ids (and the row's ``end_of_turn_ids``) are set to ``-inf`` (with ``ignore_eos`` EOS cannot end the request, so it is never masked and may
    be sampled as an ordinary token);
 3. response format: rows with a grammar matcher (``SamplingState.matcher``) get every token that cannot continue
    their format set to ``-inf`` (one packed bitmask for the constrained rows, :mod:`engine.structured.bitmask`);
@@ -59,6 +59,7 @@ class SamplingState:
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     matcher: GrammarMatcher | None = None
+    end_of_turn_ids: tuple[int, ...] = ()  # end the request like EOS (and are masked with it by min_new_tokens)
     _prompt_tensor: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def prompt_tensor(self, device: torch.device) -> torch.Tensor:
@@ -147,7 +148,8 @@ class Sampler:
         eos = tuple(eos_token_ids)
         for i in min_rows:
             p = states[i].params
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos))
+            ends = [] if p.ignore_eos else list(eos) + list(states[i].end_of_turn_ids)
+            banned = list(p.stop_token_ids) + ends
             banned = [t for t in banned if 0 <= t < x.shape[1]]
             if banned:
                 x[i, banned] = float("-inf")

@@ -203,6 +203,14 @@ class AdapterCache:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             return entry.generation
 
+    def path(self, adapter_id: str) -> str:
+        """The resolved directory of a registered adapter (AdapterNotFoundError when it is not registered)."""
+        with self._lock:
+            entry = self._entry(adapter_id, register=False)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            return entry.path
+
     def info(self) -> list[AdapterInfo]:
         with self._lock:
             return [

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from benchmarks.local_tokenizer import TEXT, VOCAB, make_tokenizer  # noqa: F401 -- the tests' tokenizer too
+from benchmarks.local_tokenizer import CHAT_TEMPLATE, TEXT, VOCAB, make_tokenizer  # noqa: F401 -- the tests' too
 
 FAMILIES = {
     "llama": {"arch": "LlamaConfig", "cls": "LlamaForCausalLM"},
@@ -16,8 +16,9 @@ FAMILIES = {
 
 
 def make_checkpoint(out_dir: str, family: str = "llama", seed: int = 0, max_shard_size: str | None = None,
-                    **overrides) -> str:
-    """Save a tiny random model of `family` (and a tokenizer) to out_dir; returns out_dir."""
+                    chat_template: str | None = CHAT_TEMPLATE, **overrides) -> str:
+    """Save a tiny random model of `family` (and a tokenizer with ``chat_template``, None for none) to out_dir;
+    returns out_dir."""
     import transformers
 
     spec = FAMILIES[family]
@@ -42,7 +43,7 @@ def make_checkpoint(out_dir: str, family: str = "llama", seed: int = 0, max_shar
     os.makedirs(out_dir, exist_ok=True)
     extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **extra)
-    make_tokenizer(out_dir)
+    make_tokenizer(out_dir, chat_template)
     return out_dir
 
 
