@@ -28,6 +28,7 @@ from aspen.demo.adapters import ensure_demo_adapters
 from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from engine.async_engine import AsyncLLMEngine
+from engine.chat import ChatMessage, ChatPrompt
 from engine.llm_engine import LLMEngine
 from engine.server import status as errs
 from engine.server.metrics import ServerMetrics
@@ -246,13 +247,16 @@ class AspenServer:
             tracker.close()
 
 
-def _prompt(request: pb.GenerateRequest, call: errs.CallFields) -> str | list[int]:
+def _prompt(request: pb.GenerateRequest, call: errs.CallFields) -> str | list[int] | ChatPrompt:
     """The prompt of the wire message: which member of the ``prompt`` oneof is set is the server's to check."""
     kind = request.WhichOneof("prompt")
     if kind is None:
-        raise errs.InvalidArgument("prompt", "set either text or token_ids")
+        raise errs.InvalidArgument("prompt", "set one of text, token_ids or messages")
     if kind == "text":
         call.prompt_field = "text"
         return request.text
+    if kind == "messages":
+        call.prompt_field = "messages.messages"
+        return ChatPrompt(tuple(ChatMessage(m.role, m.content) for m in request.messages.messages))
     call.prompt_field = "token_ids.ids"
     return list(request.token_ids.ids)

@@ -111,7 +111,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 adapters_enabled=stats is not None,
                 adapter_cache_device_pages=stats.num_device_pages if stats else 0,
                 adapter_cache_host_bytes=stats.host_budget_bytes if stats else 0,
-                server_version=aspen.__version__)
+                server_version=aspen.__version__, chat_template=engine.chat_templates.base_template is not None)
 
 
 class AdapterServicer(pb_grpc.AdapterServiceServicer):

@@ -52,7 +52,7 @@ class InvalidArgument(ValueError):
 class CallFields:
     """What the error mapping of one call needs to know about its request: the field an
     :class:`AdapterPathError` blames (``adapter_id`` or ``path``), the adapter concerned, and the prompt field
-    the request used (``text`` or ``token_ids.ids``; ``prompt`` while unknown)."""
+    the request used (``text``, ``token_ids.ids`` or ``messages.messages``; ``prompt`` while unknown)."""
 
     adapter_field: str = "adapter_id"
     adapter_id: str = ""
@@ -60,8 +60,13 @@ class CallFields:
 
     def path_of(self, engine_field: str) -> str:
         """The request message's path of an engine request field: the prompt is the member of the ``prompt``
-        oneof that the request set; the other fields have the same name in the message."""
-        return self.prompt_field if engine_field == "prompt" else engine_field
+        oneof that the request set (``messages[i].role`` is ``messages.messages[i].role``); the other fields have
+        the same name in the message."""
+        if engine_field == "prompt":
+            return self.prompt_field
+        if engine_field.startswith("messages"):
+            return "messages." + engine_field
+        return engine_field
 
 
 def _pack(message) -> any_pb2.Any:

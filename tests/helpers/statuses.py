@@ -2,6 +2,8 @@
 client may get for its own input."""
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2 as ed
@@ -18,6 +20,8 @@ REQUEST_FIELDS = frozenset({"prompt", "text", "token_ids.ids", "adapter_id", "pa
                             "response_format", "response_format.choice.choices"}
                            | {f"params.{f}" for f in pb.SamplingParams.DESCRIPTOR.fields_by_name}
                            | {f"response_format.{f}" for f in pb.ResponseFormat.DESCRIPTOR.fields_by_name})
+
+CHAT_FIELD = re.compile(r"messages\.messages(\[\d+\]\.(role|content))?")
 
 
 def details(err: grpc.RpcError) -> dict:
@@ -46,7 +50,7 @@ def check_client_error(err: grpc.RpcError, allowed=CLIENT_CODES) -> grpc.StatusC
     d = details(err)
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         fields = {v.field for v in d["BadRequest"].field_violations}
-        assert fields and fields <= REQUEST_FIELDS, fields
+        assert fields and all(f in REQUEST_FIELDS or CHAT_FIELD.fullmatch(f) for f in fields), fields
     elif code is grpc.StatusCode.NOT_FOUND or code is grpc.StatusCode.ALREADY_EXISTS:
         assert "ResourceInfo" in d, err.details()
     elif code is grpc.StatusCode.FAILED_PRECONDITION:

@@ -127,7 +127,7 @@ def test_a_context_overflow_is_the_prompts_fault():
 
 def test_the_server_checks_only_the_wire_message():
     err, got = refuse(RequestError("prompt", "unused"), pb.GenerateRequest())
-    assert violation(err) == ("prompt", "set either text or token_ids") and got == []
+    assert violation(err) == ("prompt", "set one of text, token_ids or messages") and got == []
 
 
 def test_an_error_outside_the_contract_is_internal_and_generic():

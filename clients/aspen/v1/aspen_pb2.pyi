@@ -52,6 +52,20 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class ChatMessages(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "min_new_tokens", "logprobs", "skip_special_tokens")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -111,20 +125,22 @@ class Choice(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter_id", "text", "token_ids", "params", "response_format")
+    __slots__ = ("request_id", "adapter_id", "text", "token_ids", "messages", "params", "response_format")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter_id: str
     text: str
     token_ids: TokenIds
+    messages: ChatMessages
     params: SamplingParams
     response_format: ResponseFormat
-    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
@@ -217,7 +233,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "model_family", "dtype", "quantization", "device", "max_context_tokens", "vocab_size", "max_num_seqs", "max_queue", "kv_cache_blocks", "kv_block_size", "adapters_enabled", "adapter_cache_device_pages", "adapter_cache_host_bytes", "server_version")
+    __slots__ = ("base_model", "model_family", "dtype", "quantization", "device", "max_context_tokens", "vocab_size", "max_num_seqs", "max_queue", "kv_cache_blocks", "kv_block_size", "adapters_enabled", "adapter_cache_device_pages", "adapter_cache_host_bytes", "server_version", "chat_template")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +249,7 @@ class GetModelInfoResponse(_message.Message):
     ADAPTER_CACHE_DEVICE_PAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_CACHE_HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     model_family: str
     dtype: str
@@ -248,7 +265,8 @@ class GetModelInfoResponse(_message.Message):
     adapter_cache_device_pages: int
     adapter_cache_host_bytes: int
     server_version: str
-    def __init__(self, base_model: _Optional[str] = ..., model_family: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., adapters_enabled: _Optional[bool] = ..., adapter_cache_device_pages: _Optional[int] = ..., adapter_cache_host_bytes: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    chat_template: bool
+    def __init__(self, base_model: _Optional[str] = ..., model_family: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[_Union[Quantization, str]] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_queue: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., adapters_enabled: _Optional[bool] = ..., adapter_cache_device_pages: _Optional[int] = ..., adapter_cache_host_bytes: _Optional[int] = ..., server_version: _Optional[str] = ..., chat_template: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("adapter_id", "rank", "target_modules", "tier", "registered", "active_requests", "host_bytes", "device_pages", "generation", "path", "lora_alpha")
