@@ -34,6 +34,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve the base model and its LoRA adapters over gRPC", "engine.server.command"),
     "generate": Command("generate text from a running server (streams to the terminal)",
                         "clients.generate_command"),
+    "chat": Command("chat with a running server in the terminal (streaming, with history)",
+                    "clients.chat_command"),
     "adapters": Command("list, load or unload adapters on a running server", "clients.adapters_command"),
     "loadtest": Command("drive a running server with a synthetic multi-adapter workload, or make the adapters",
                         subcommands={

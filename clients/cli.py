@@ -1,6 +1,8 @@
-"""Client subcommands of the ``aspen`` console script: ``aspen generate`` and ``aspen adapters``.
+"""Client subcommands of the ``aspen`` console script: ``aspen generate`` and ``aspen adapters`` (``aspen chat``
+is :mod:`clients.chat_command`).
 
     aspen generate --server 127.0.0.1:50051 --adapter math --max-new-tokens 64 --temperature 0 "2 + 2 ="
+    aspen generate --chat --system "Answer briefly." "What is the capital of France?"
     aspen adapters list --server 127.0.0.1:50051
     aspen adapters load math --path team-a/math-v2 --server 127.0.0.1:50051
     aspen adapters unload math --server 127.0.0.1:50051
@@ -62,9 +64,25 @@ def report_rpc_error(command: str, error) -> int:
 
 # ---------------------------------------------------------------------------------------------- generate
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message, rendered with the model's (or adapter's) chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     p.add_argument("--adapter", default=None, help="adapter id (default: the base model)")
     add_connection_arguments(p)
+    add_sampling_arguments(p)
+    p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
+    p.add_argument("--verbose", "-v", action="store_true", help="print finish reason and usage to stderr")
+    f = p.add_argument_group("response format (at most one; the output is guaranteed to match it)")
+    fmt = f.add_mutually_exclusive_group()
+    fmt.add_argument("--json-object", action="store_true", help="any JSON object")
+    fmt.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema: its JSON text, or @FILE")
+    fmt.add_argument("--regex", help="a regular expression the whole output matches")
+    fmt.add_argument("--grammar", metavar="LARK", help="a Lark grammar: its text, or @FILE")
+    fmt.add_argument("--choice", action="append", metavar="TEXT", help="one allowed output (repeatable)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--min-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -77,19 +95,23 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
-    p.add_argument("--verbose", "-v", action="store_true", help="print finish reason and usage to stderr")
-    f = p.add_argument_group("response format (at most one; the output is guaranteed to match it)")
-    fmt = f.add_mutually_exclusive_group()
-    fmt.add_argument("--json-object", action="store_true", help="any JSON object")
-    fmt.add_argument("--json-schema", metavar="SCHEMA", help="a JSON Schema: its JSON text, or @FILE")
-    fmt.add_argument("--regex", help="a regular expression the whole output matches")
-    fmt.add_argument("--grammar", metavar="LARK", help="a Lark grammar: its text, or @FILE")
-    fmt.add_argument("--choice", action="append", metavar="TEXT", help="one allowed output (repeatable)")
 
 
 _PARAM_ARGS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                "presence_penalty", "frequency_penalty", "seed", "stop")
+
+
+def sampling_params(args: argparse.Namespace) -> dict:
+    """The sampling keyword arguments of :func:`add_sampling_arguments`' flags that were given."""
+    params = {k: getattr(args, k) for k in _PARAM_ARGS if getattr(args, k) is not None}
+    if args.ignore_eos:
+        params["ignore_eos"] = True
+    return params
+
+
+def conversation(system: str | None, turns: list[dict]) -> list[dict]:
+    """The messages of a chat: the system message (if any), then ``turns``."""
+    return ([{"role": "system", "content": system}] if system else []) + turns
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -97,9 +119,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from clients.aspen.v1 import aspen_pb2 as pb
 
-    params = {k: getattr(args, k) for k in _PARAM_ARGS if getattr(args, k) is not None}
-    if args.ignore_eos:
-        params["ignore_eos"] = True
+    params = sampling_params(args)
+    if args.system is not None and not args.chat:
+        print("aspen generate: error: --system needs --chat", file=sys.stderr)
+        return 2
+    prompt = conversation(args.system, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     try:
         response_format = _response_format(args)
     except OSError as e:
@@ -110,11 +134,11 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         with connect(args) as client:
             if args.no_stream:
-                last = client.generate(args.prompt, args.adapter, **params)
+                last = client.generate(prompt, args.adapter, **params)
                 sys.stdout.write(last.text)
             else:
                 last = None
-                for msg in client.stream(args.prompt, args.adapter, **params):
+                for msg in client.stream(prompt, args.adapter, **params):
                     sys.stdout.write(msg.text)
                     sys.stdout.flush()
                     last = msg

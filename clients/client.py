@@ -4,6 +4,10 @@
         print(c.generate("Once upon a time", adapter="math", max_new_tokens=32, temperature=0).text)
         for msg in c.stream("Hello", max_new_tokens=16):
             print(msg.text, end="", flush=True)
+        print(c.generate([{"role": "user", "content": "What is the capital of France?"}]).text)
+
+A prompt is a text, a list of token ids, or a conversation: a list of ``{"role", "content"}`` mappings (or
+``aspen.v1.ChatMessage``), rendered by the server with the model's (or the adapter's) chat template.
 
 Sampling parameters are the fields of ``aspen.v1.SamplingParams`` as keyword arguments (``stop`` may be one
 string). ``response_format`` constrains the output (see :func:`format_message`):
@@ -29,6 +33,7 @@ PARAM_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 FORMAT_KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
 ResponseFormatArg = pb.ResponseFormat | Mapping[str, Any] | None
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str] | pb.ChatMessage]
 
 
 def format_message(spec: ResponseFormatArg) -> pb.ResponseFormat | None:
@@ -61,9 +66,16 @@ def format_message(spec: ResponseFormatArg) -> pb.ResponseFormat | None:
     return pb.ResponseFormat(**{kind: value})
 
 
-def build_request(prompt: str | Sequence[int], adapter: str | None = None, request_id: str = "",
+def is_chat(prompt: Prompt) -> bool:
+    """Whether ``prompt`` is a conversation (a non-empty sequence of messages) rather than text or token ids."""
+    return not isinstance(prompt, str) and len(prompt) > 0 and all(
+        isinstance(m, (Mapping, pb.ChatMessage)) for m in prompt)
+
+
+def build_request(prompt: Prompt, adapter: str | None = None, request_id: str = "",
                   response_format: ResponseFormatArg = None, **params: Any) -> pb.GenerateRequest:
-    """A GenerateRequest; ``prompt`` is text or a list of token ids. TypeError for an unknown parameter."""
+    """A GenerateRequest; ``prompt`` is text, a list of token ids or a list of chat messages. TypeError for an
+    unknown parameter."""
     unknown = sorted(set(params) - PARAM_FIELDS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s) {unknown}; expected some of {sorted(PARAM_FIELDS)}")
@@ -74,6 +86,10 @@ def build_request(prompt: str | Sequence[int], adapter: str | None = None, reque
                              response_format=format_message(response_format))
     if isinstance(prompt, str):
         req.text = prompt
+    elif is_chat(prompt):
+        req.messages.messages.extend(m if isinstance(m, pb.ChatMessage) else
+                                     pb.ChatMessage(role=m.get("role", ""), content=m.get("content", ""))
+                                     for m in prompt)
     else:
         req.token_ids.ids.extend(prompt)
     return req
@@ -117,11 +133,11 @@ class _Base:
 class AspenClient(_Base):
     """Blocking client. ``timeout`` is the default deadline of every call in seconds (None: no deadline)."""
 
-    def generate(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+    def generate(self, prompt: Prompt, adapter: str | None = None, *, request_id: str = "",
                  timeout: float | None = None, **params: Any) -> pb.GenerateResponse:
         return self.generation.Generate(build_request(prompt, adapter, request_id, **params), **self._kw(timeout))
 
-    def stream(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+    def stream(self, prompt: Prompt, adapter: str | None = None, *, request_id: str = "",
                timeout: float | None = None, **params: Any) -> Iterator[pb.GenerateStreamResponse]:
         """Stream deltas; leaving the loop early cancels the call (and the request on the server)."""
         call = self.generation.GenerateStream(build_request(prompt, adapter, request_id, **params),
@@ -160,12 +176,12 @@ class AspenClient(_Base):
 class AsyncAspenClient(_Base):
     """The same calls for asyncio code (``grpc.aio`` channel)."""
 
-    async def generate(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+    async def generate(self, prompt: Prompt, adapter: str | None = None, *, request_id: str = "",
                        timeout: float | None = None, **params: Any) -> pb.GenerateResponse:
         return await self.generation.Generate(build_request(prompt, adapter, request_id, **params),
                                               **self._kw(timeout))
 
-    async def stream(self, prompt: str | Sequence[int], adapter: str | None = None, *, request_id: str = "",
+    async def stream(self, prompt: Prompt, adapter: str | None = None, *, request_id: str = "",
                      timeout: float | None = None, **params: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self.generation.GenerateStream(build_request(prompt, adapter, request_id, **params),
                                               **self._kw(timeout))
