@@ -72,7 +72,7 @@ def _reference(real, messages, adapter: str | None) -> list[int]:
 
 
 def test_chat_over_grpc_equals_transformers_and_peft_on_the_real_model(real):
-    server = ServerThread(real)
+    server = ServerThread(real, engine={"max_model_len": 1024})
     try:
         with AspenClient(server.address, timeout=300) as c:
             assert c.model_info().chat_template
