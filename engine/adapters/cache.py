@@ -197,19 +197,18 @@ class AdapterCache:
 
     def generation(self, adapter_id: str) -> int:
         """Current generation of a registered id (no just-in-time registration)."""
-        with self._lock:
-            entry = self._entry(adapter_id, register=False)
-            if entry is None:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            return entry.generation
+        return self._registered(adapter_id).generation
 
     def path(self, adapter_id: str) -> str:
-        """The resolved directory of a registered adapter (AdapterNotFoundError when it is not registered)."""
+        """The resolved directory of a registered id (no just-in-time registration)."""
+        return self._registered(adapter_id).path
+
+    def _registered(self, adapter_id: str) -> _Entry:
         with self._lock:
             entry = self._entry(adapter_id, register=False)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            return entry.path
+            return entry
 
     def info(self) -> list[AdapterInfo]:
         with self._lock:
