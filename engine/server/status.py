@@ -1,7 +1,9 @@
 """Map engine exceptions to gRPC statuses with ``google.rpc`` rich error details (via grpcio-status), and the
 bearer-token interceptor that answers UNAUTHENTICATED.
 
-Every error a client can cause is mapped explicitly (see :func:`status_for_exception`); the codes and their
+Every error a client can cause is classified explicitly, once, into a protocol-neutral :class:`Failure`
+(:func:`classify`, :func:`classify_engine_error`), which the gRPC front renders as a status here
+(:func:`status_of`) and the HTTP front (:mod:`engine.http.errors`) as an OpenAI error object; the codes and their
 details are documented at the top of ``proto/aspen/v1/aspen.proto``. Anything unexpected becomes ``INTERNAL``
 with a generic message: the exception and its traceback go to the server log, never to the client.
 
@@ -142,36 +144,84 @@ def redact_paths(text: str, root: str | None) -> str:
     return text.replace(root.rstrip(os.sep) + os.sep, "").replace(root, "<adapter root>")
 
 
-def status_for_exception(exc: BaseException, call: CallFields | None = None,
-                         root: str | None = None) -> grpc.Status:
-    """The status a client gets for ``exc`` raised while serving ``call`` (field paths and the adapter concerned:
-    :class:`CallFields`); ``root`` (the adapter root) is redacted from messages (:func:`redact_paths`)."""
+@dataclass(frozen=True)
+class Failure:
+    """What a client is told about a failed call, independent of the protocol: every front end classifies an
+    exception once (:func:`classify`, :func:`classify_engine_error`) and renders the result in its own terms (a
+    gRPC status with rich details here, an OpenAI error object over HTTP). ``code`` is the classification (the
+    gRPC code; HTTP maps it with the standard google.rpc table); ``violations`` are (field path, reason) pairs of
+    an INVALID_ARGUMENT; ``resource`` the (type, name) of a NOT_FOUND / ALREADY_EXISTS; ``precondition`` the
+    (type, subject) of a FAILED_PRECONDITION; ``retry_after_s`` the back-off of a retryable refusal."""
+
+    code: grpc.StatusCode
+    message: str
+    violations: tuple[tuple[str, str], ...] = ()
+    resource: tuple[str, str] | None = None
+    precondition: tuple[str, str] | None = None
+    retry_after_s: float | None = None
+
+
+def status_of(failure: Failure) -> grpc.Status:
+    """The gRPC status (with its google.rpc details) of a classified failure."""
+    code, text = failure.code, failure.message
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return invalid_argument(text, failure.violations)
+    if code is grpc.StatusCode.NOT_FOUND:
+        return not_found(*failure.resource, text)
+    if code is grpc.StatusCode.ALREADY_EXISTS:
+        return already_exists(*failure.resource, text)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return failed_precondition(*failure.precondition, text)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return resource_exhausted(text, failure.retry_after_s or RETRY_AFTER_S)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return unavailable(text, failure.retry_after_s or RETRY_AFTER_S)
+    return make_status(code, text)
+
+
+def _invalid(text: str, path: str, reason: str) -> Failure:
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, text, ((path, reason),))
+
+
+def classify(exc: BaseException, call: CallFields | None = None, root: str | None = None) -> Failure:
+    """What a client is told for ``exc`` raised while serving ``call`` (field paths and the adapter concerned:
+    :class:`CallFields`); ``root`` (the adapter root) is redacted from messages (:func:`redact_paths`). Anything
+    outside the contract is logged with its traceback and reported as a generic INTERNAL."""
     call = call or CallFields()
     text = redact_paths(str(exc), root)
     if isinstance(exc, InvalidArgument):
-        return invalid_argument(text, [(exc.field, exc.reason)])
+        return _invalid(text, exc.field, exc.reason)
     if isinstance(exc, SamplingParamsError):
-        return invalid_argument(text, [(call.path_of(sampling_field(exc)), exc.reason)])
+        return _invalid(text, call.path_of(sampling_field(exc)), exc.reason)
     if isinstance(exc, DuplicateRequestError):
-        return already_exists("request", exc.request_id, text)
+        return Failure(grpc.StatusCode.ALREADY_EXISTS, text, resource=("request", exc.request_id))
     if isinstance(exc, RequestError):
         path, reason = call.path_of(exc.field), redact_paths(exc.reason, root)
-        return invalid_argument(f"invalid {path}: {reason}", [(path, reason)])
+        return _invalid(f"invalid {path}: {reason}", path, reason)
     if isinstance(exc, AdapterPathError):
-        return invalid_argument(text, [(call.adapter_field, text)])
+        return _invalid(text, call.adapter_field, text)
     if isinstance(exc, AdapterNotFoundError):
-        return not_found("adapter", call.adapter_id, text)
+        return Failure(grpc.StatusCode.NOT_FOUND, text, resource=("adapter", call.adapter_id))
     if isinstance(exc, AdapterBusyError):
-        return failed_precondition("ADAPTER_BUSY", f"adapter/{call.adapter_id}", text)
+        return Failure(grpc.StatusCode.FAILED_PRECONDITION, text,
+                       precondition=("ADAPTER_BUSY", f"adapter/{call.adapter_id}"))
     if isinstance(exc, AdapterError):
-        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{call.adapter_id}", text)
+        return Failure(grpc.StatusCode.FAILED_PRECONDITION, text,
+                       precondition=("ADAPTER_INCOMPATIBLE", f"adapter/{call.adapter_id}"))
     if isinstance(exc, QueueFullError):
-        return resource_exhausted(text)
+        return Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, text, retry_after_s=RETRY_AFTER_S)
     if isinstance(exc, EngineDeadError):
         log.error("request refused: %s", exc)
-        return unavailable("the engine is not running; retry on another replica")
+        return Failure(grpc.StatusCode.UNAVAILABLE, "the engine is not running; retry on another replica",
+                       retry_after_s=RETRY_AFTER_S)
     log.error("unexpected error while serving a call", exc_info=exc)
-    return internal()
+    return Failure(grpc.StatusCode.INTERNAL, GENERIC_INTERNAL)
+
+
+def status_for_exception(exc: BaseException, call: CallFields | None = None,
+                         root: str | None = None) -> grpc.Status:
+    """The status a client gets for ``exc`` raised while serving ``call`` (see :func:`classify`)."""
+    return status_of(classify(exc, call, root))
 
 
 # Engine-side failures reported as a finished output with finish_reason "error": the error is a string
@@ -188,26 +238,34 @@ _CLIENT_ERRORS = {
 }
 
 
-def engine_error(error: str | None, request_id: str, adapter_id: str,
-                 root: str | None = None) -> tuple[grpc.Status, str]:
-    """Status and client-safe message for a request the engine finished with an error (``root``: as for
-    :func:`status_for_exception`)."""
+def classify_engine_error(error: str | None, request_id: str, adapter_id: str, root: str | None = None,
+                          adapter_field: str = "adapter_id") -> Failure:
+    """What a client is told about a request the engine finished with an error (``root``: as for
+    :func:`classify`; ``adapter_field``: the request field that names the adapter)."""
     name, _, message = (error or "").partition(": ")
     message = redact_paths(message, root)
     code = _CLIENT_ERRORS.get(name)
     if code is grpc.StatusCode.NOT_FOUND:
-        return not_found("adapter", adapter_id, message), message
+        return Failure(code, message, resource=("adapter", adapter_id))
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         # a ResponseFormatError's message starts with its field path ("response_format.regex: ...")
-        field = message.partition(": ")[0] if name == "ResponseFormatError" else "adapter_id"
-        return invalid_argument(message, [(field, message)]), message
+        field = message.partition(": ")[0] if name == "ResponseFormatError" else adapter_field
+        return _invalid(message, field, message)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return resource_exhausted(message), message
+        return Failure(code, message, retry_after_s=RETRY_AFTER_S)
     if code is not None:
-        return failed_precondition("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}", message), message
+        return Failure(code, message, precondition=("ADAPTER_INCOMPATIBLE", f"adapter/{adapter_id}"))
     log.error("request %r failed inside the engine: %s", request_id, error)  # %r: ids are client text
     text = f"generation failed inside the engine (request {request_id}); the server log has the details"
-    return make_status(grpc.StatusCode.INTERNAL, text), text
+    return Failure(grpc.StatusCode.INTERNAL, text)
+
+
+def engine_error(error: str | None, request_id: str, adapter_id: str,
+                 root: str | None = None) -> tuple[grpc.Status, str]:
+    """Status and client-safe message for a request the engine finished with an error (see
+    :func:`classify_engine_error`)."""
+    failure = classify_engine_error(error, request_id, adapter_id, root)
+    return status_of(failure), failure.message
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
