@@ -98,7 +98,7 @@ run "$WORK/adapters.log" aspen loadtest make-adapters --model "$BASE" --out "$WO
     --no-progress
 
 step "aspen serve (demo base, those adapters, a free port)"
-aspen serve --model demo --no-demo-adapters --adapter-dir "$WORK/adapters" --port 0 >"$WORK/serve.log" 2>&1 &
+aspen serve --model demo --no-demo-adapters --adapter-dir "$WORK/adapters" --port 0 --http-port 0 >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
 ADDRESS=
 for _ in $(seq "$READY_TIMEOUT_S"); do

@@ -31,7 +31,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command("build the embedded demo model (cached) and print generations", "engine.demo_command"),
     "train": Command("fine-tune several LoRA adapters at once on one base", "aspen.train.command"),
-    "serve": Command("serve the base model and its LoRA adapters over gRPC", "engine.server.command"),
+    "serve": Command("serve the base model and its LoRA adapters over gRPC and an OpenAI-compatible HTTP API", "engine.server.command"),
     "generate": Command("generate text from a running server (streams to the terminal)",
                         "clients.generate_command"),
     "chat": Command("chat with a running server in the terminal (streaming, with history)",

@@ -107,7 +107,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- the server's log for its lifetime; see stop()
             "w+", prefix="aspen-serve-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "aspen.cli", "serve", "--model", model, "--adapter-dir", adapter_dir,
-               "--port", "0", "--metrics-port", "0", "--device", device, "--lora-pool-mb", str(pool_mb),
+               "--port", "0", "--http-port", "0", "--metrics-port", "0", "--device", device, "--lora-pool-mb", str(pool_mb),
                "--max-num-seqs", str(max_num_seqs), "--host-adapter-mb", str(HOST_TIER_MB), "--grace-period", "5",
                *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

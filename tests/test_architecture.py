@@ -29,8 +29,12 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("demo", ("aspen.demo", "aspen.demo.*")),
     ("bookkeeping", ("engine.scheduling", "engine.scheduling.*", "engine.adapters", "engine.adapters.*")),
     ("engine core", ("engine", "engine.*")),
-    ("server", ("engine.server", "engine.server.*")),
+    ("server", ("engine.server", "engine.server.*", "engine.http", "engine.http.*")),  # the gRPC and HTTP fronts
 )
+#: Of the gRPC front, only these modules start the HTTP front (which may use the gRPC front's shared pieces:
+#: options, status classification, metrics); nothing else of it imports engine.http.
+HTTP = "engine.http"
+HTTP_STARTERS = ("engine.server.app", "engine.server.command")
 #: Torch-free packages: they import only the standard library, aspen.errors and each other.
 TORCH_FREE = ("engine.scheduling", "engine.adapters")
 TORCH_FREE_MAY_IMPORT = ("aspen.errors",)
@@ -151,6 +155,8 @@ def rule_broken(imp: Import, modules: dict) -> str | None:
         if _under(dst, STUBS):
             return f"only {', '.join(STUB_IMPORTERS)} and clients.* import the generated stubs {STUBS}"
         return "nothing outside clients.* imports clients.*"
+    if _under(dst, HTTP) and _under(src, "engine.server") and src not in HTTP_STARTERS:
+        return f"of engine.server only {', '.join(HTTP_STARTERS)} import {HTTP}"
     if dst not in modules:
         return None  # third-party or standard library
     src_layer, dst_layer = layer_of(src), layer_of(dst)

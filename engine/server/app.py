@@ -6,8 +6,11 @@ answering probes) and flips health to SERVING, :meth:`~AspenServer.stop` drains:
 UNAVAILABLE, in-flight calls may finish within the grace period, then the rest are cancelled (each cancelled
 call aborts its engine request) and the engine thread stops. The model never runs on the event loop thread.
 
-Also served: ``grpc.health.v1.Health`` and server reflection (both exempt from token auth, for probes), and
-Prometheus metrics (see :mod:`engine.server.metrics`). Configuration: :mod:`engine.server.options`; the
+Also served: ``grpc.health.v1.Health`` and server reflection (both exempt from token auth, for probes),
+Prometheus metrics (see :mod:`engine.server.metrics`), and, on ``http_port``, the OpenAI-compatible HTTP API
+(:mod:`engine.http`) over the same engine, on the same event loop: it binds and drains with the gRPC server, its
+calls are admitted by :meth:`~AspenServer.refusal` and counted by :meth:`~AspenServer.in_flight` alike, and its
+generations run through :meth:`~AspenServer.stream`. Configuration: :mod:`engine.server.options`; the
 servicers' methods: :mod:`engine.server.servicers`; proto <-> engine conversions:
 :mod:`engine.server.proto_convert`; error mapping: :mod:`engine.server.status`.
 """
@@ -29,6 +32,7 @@ from clients.aspen.v1 import aspen_pb2 as pb
 from clients.aspen.v1 import aspen_pb2_grpc as pb_grpc
 from engine.async_engine import AsyncLLMEngine
 from engine.chat import ChatMessage, ChatPrompt
+from engine.http.server import HttpServer
 from engine.llm_engine import LLMEngine
 from engine.server import status as errs
 from engine.server.metrics import ServerMetrics
@@ -65,6 +69,7 @@ class AspenServer:
         self.async_engine: AsyncLLMEngine | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http: HttpServer | None = None
         self._server: grpc.aio.Server | None = None
         self._loader: threading.Thread | None = None
         self._inflight = 0
@@ -99,6 +104,9 @@ class AspenServer:
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if o.http_port:
+            self.http = HttpServer(self)
+            await self.http.bind()
         address = f"{o.host}:{o.port}"
         try:
             if o.tls_cert:
@@ -176,6 +184,8 @@ class AspenServer:
             log.warning("grace period over: cancelling %d in-flight call(s)", self._inflight)
         if self._server is not None:
             await self._server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         if self.async_engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.async_engine.shutdown)
         self.metrics.stop_http()
@@ -196,55 +206,74 @@ class AspenServer:
         await self._stopped.wait()
 
     # ------------------------------------------------------------------ calls
-    @contextlib.asynccontextmanager
-    async def call(self, context):
-        """Admit a call (UNAVAILABLE unless serving), count it in flight, map its exceptions to statuses."""
+    async def refusal(self) -> str | None:
+        """Why a new call is refused now (None while serving), for every front end; an engine loop found dead
+        turns the server to "failed" (health NOT_SERVING)."""
         if self.state == "serving" and not self.async_engine.is_running:  # the engine loop died: stop advertising
             self.state = "failed"
             log.error("the engine loop is not running; reporting NOT_SERVING")
             for name in ("",) + SERVICE_NAMES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.state != "serving":
-            why = {"starting": "the server is starting (loading the model); retry shortly",
-                   "failed": "the engine stopped after an internal error; retry on another replica"}.get(
-                       self.state, "the server is shutting down; retry on another replica")
-            await context.abort_with_status(errs.unavailable(why))
+        if self.state == "serving":
+            return None
+        return {"starting": "the server is starting (loading the model); retry shortly",
+                "failed": "the engine stopped after an internal error; retry on another replica"}.get(
+                    self.state, "the server is shutting down; retry on another replica")
+
+    @contextlib.contextmanager
+    def in_flight(self):
+        """Count a call in flight while the block runs: the drain waits until none is."""
         self._inflight += 1
         self._idle.clear()
-        call = errs.CallFields()
         try:
-            yield call
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:  # noqa: BLE001 -- every exception becomes a status; unexpected ones INTERNAL
-            await context.abort_with_status(errs.status_for_exception(e, call, root=self.adapter_root))
+            yield
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
+    @contextlib.asynccontextmanager
+    async def call(self, context):
+        """Admit a gRPC call (UNAVAILABLE unless serving), count it in flight, map its exceptions to statuses."""
+        why = await self.refusal()
+        if why is not None:
+            await context.abort_with_status(errs.unavailable(why))
+        call = errs.CallFields()
+        with self.in_flight():
+            try:
+                yield call
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as e:  # noqa: BLE001 -- every exception becomes a status; unexpected ones INTERNAL
+                await context.abort_with_status(errs.status_for_exception(e, call, root=self.adapter_root))
+
     async def run_blocking(self, fn, *args):
         """Run a blocking engine call (adapter load/unload, tokenizing) on a worker thread, off the event loop."""
         return await self.async_engine.run_blocking(fn, *args)
 
-    async def outputs(self, request: pb.GenerateRequest, call: errs.CallFields):
-        """Stream the engine outputs of a GenerateRequest (aborted in the engine if left early).
-
-        The engine validates the request; ``call`` records the prompt field the request used, so that
-        :meth:`call` maps the engine's errors to that field's path."""
-        prompt = _prompt(request, call)
-        params = params_from_proto(request.params, response_format_from_proto(request))
-        call.adapter_id = request.adapter_id
+    async def stream(self, prompt, params, adapter_id: str | None, request_id: str | None):
+        """Stream the engine outputs of one request, observed by the metrics (aborted in the engine if left
+        early); the engine validates the request (its errors are raised before the first output)."""
         tracker = self.metrics.tracker()
         try:
-            stream = self.async_engine.generate(prompt, params, request.adapter_id or None,
-                                                request.request_id or None)
+            stream = self.async_engine.generate(prompt, params, adapter_id, request_id)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     tracker.observe(out)
                     yield out
         finally:
             tracker.close()
+
+    async def outputs(self, request: pb.GenerateRequest, call: errs.CallFields):
+        """Stream the engine outputs of a GenerateRequest (see :meth:`stream`); ``call`` records the prompt field
+        the request used, so that :meth:`call` maps the engine's errors to that field's path."""
+        prompt = _prompt(request, call)
+        params = params_from_proto(request.params, response_format_from_proto(request))
+        call.adapter_id = request.adapter_id
+        stream = self.stream(prompt, params, request.adapter_id or None, request.request_id or None)
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                yield out
 
 
 def _prompt(request: pb.GenerateRequest, call: errs.CallFields) -> str | list[int] | ChatPrompt:

@@ -1,11 +1,11 @@
-"""``aspen serve``: run the gRPC server until SIGTERM / SIGINT.
+"""``aspen serve``: run the gRPC server (and the OpenAI-compatible HTTP API beside it) until SIGTERM / SIGINT.
 
 The server listens first (health NOT_SERVING, calls UNAVAILABLE), loads the model, then logs one line::
 
     ASPEN serve ready on 127.0.0.1:50051 (model demo, adapters /home/me/.cache/aspen/demo/adapters, tls off, auth off)
 
 (``--port 0`` picks a free port; the line shows the real one, plus the metrics URL when ``--metrics-port`` is
-set). The first SIGTERM / SIGINT drains: health NOT_SERVING, new calls UNAVAILABLE, in-flight requests get
+set, and the OpenAI-compatible HTTP API's base URL unless ``--http-port 0``). The first SIGTERM / SIGINT drains: health NOT_SERVING, new calls UNAVAILABLE, in-flight requests get
 ``--grace-period`` seconds to finish, then the process exits 0. A second signal cancels what is still running
 and exits at once (status 1).
 """
@@ -63,6 +63,8 @@ def ready_line(server: AspenServer) -> str:
             f"auth {'on' if o.auth_token else 'off'})")
     if server.metrics_port is not None:
         line += f"; metrics on http://{o.metrics_host}:{server.metrics_port}/metrics"
+    if server.http is not None:
+        line += f"; OpenAI-compatible HTTP API on {server.http.url}"
     return line
 
 

@@ -34,6 +34,9 @@ class ServerOptions:
                                  metadata={"setting": Setting(help="the engine's configuration", group=ENGINE)})
     host: str = setting("127.0.0.1", help="address to listen on", group=NETWORK)
     port: int = setting(50051, help="port to listen on; 0 picks a free port", minimum=0, group=NETWORK)
+    http_port: int = setting(8000, help="port of the OpenAI-compatible HTTP API (/v1/completions, "
+                                        "/v1/chat/completions, ...), served from the same engine and process, with "
+                                        "the same TLS and token; 0 turns it off", minimum=0, group=NETWORK)
     grace_period: float = setting(30.0, help="seconds in-flight requests may take to finish after SIGTERM",
                                   minimum=0, group=NETWORK)
     max_message_bytes: int = setting(16 * MiB, help="largest request or response message in bytes", minimum=1,
@@ -64,6 +67,9 @@ class ServerOptions:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("client certificates (--tls-client-ca, mTLS) need TLS: give --tls-cert and --tls-key")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"--http-port {self.http_port} is also --port: give the HTTP API a port of its own "
+                             "(or 0 to turn it off)")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("the bearer token is empty")
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,12 +65,21 @@ def private_adapter_root(assets: dict, directory) -> dict:
     return {**assets, "adapters": ads}
 
 
+def free_port() -> int:
+    """A loopback port free now (for the HTTP API, whose port 0 means "off")."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------------- in process
 class ServerThread:
-    """An AspenServer on its own event loop thread, listening on a free loopback port."""
+    """An AspenServer on its own event loop thread, listening on a free loopback port; with ``http=True`` the
+    OpenAI-compatible HTTP API too, on another free port (``http_url``: its base URL, ``.../v1``)."""
 
-    def __init__(self, assets, start=True, factory=None, **options):
+    def __init__(self, assets, start=True, factory=None, http=False, **options):
         engine_opts = {**ENGINE, **options.pop("engine", {})}
+        options.setdefault("http_port", free_port() if http else 0)
         self.options = ServerOptions(model=assets["base"], adapter_dir=assets["adapters"], port=0,
                                      engine=EngineConfig(**engine_opts), **options)
         self.loop = asyncio.new_event_loop()
@@ -80,6 +90,7 @@ class ServerThread:
         self.server = self.run(self._make(factory))
         self.port = self.run(self.server.bind())
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = self.server.http.url if self.server.http is not None else None
         if start:
             self.run(self.server.load())
 
@@ -131,13 +142,15 @@ def aspen_command() -> list[str]:
 
 
 class ServeProcess:
-    """A real ``aspen serve`` on 127.0.0.1 (port 0, metrics on port 0), output in ``log_path``."""
+    """A real ``aspen serve`` on 127.0.0.1 (port 0, metrics on port 0, the HTTP API off unless ``args`` give
+    ``--http-port``: then ``http_url`` is its base URL), output in ``log_path``."""
 
     def __init__(self, assets: dict, directory, *args: str, global_args: tuple[str, ...] = (),
                  env: dict | None = None, ready_timeout: float = 120):
         self.log_path = os.path.join(str(directory), f"serve-{time.monotonic_ns()}.log")
         cmd = aspen_command() + [*global_args, "serve", "--model", assets["base"], "--adapter-dir", assets["adapters"],
-                                 "--port", "0", "--metrics-port", "0", *args]
+                                 "--port", "0", "--metrics-port", "0",
+                                 *(() if "--http-port" in args else ("--http-port", "0")), *args]
         environment = {**os.environ, "ASPEN_HOME": os.path.join(str(directory), "home"), **(env or {})}
         with open(self.log_path, "w") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
@@ -150,6 +163,8 @@ class ServeProcess:
             raise AssertionError(f"aspen serve did not start:\n{self.log()}")
         self.address = f"{match.group(1)}:{match.group(2)}"
         self.port, self.metrics_port = int(match.group(2)), int(match.group(3))
+        http = re.search(r"HTTP API on (https?://[\w.]+:\d+/v1)", self.log())
+        self.http_url = http.group(1) if http else None
 
     @property
     def pid(self) -> int:

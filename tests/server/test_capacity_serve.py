@@ -48,7 +48,7 @@ def test_serve_says_what_fits_when_the_context_does_not(long_context, tmp_path):
     wide = make_checkpoint(str(tmp_path / "wide"), "llama", max_position_embeddings=32768, hidden_size=256,
                            intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
     cmd = aspen_command() + ["serve", "--model", wide, "--adapter-dir", long_context["adapters"],
-                             "--port", "0", "--memory-utilization", "0.0001"]
+                             "--port", "0", "--http-port", "0", "--memory-utilization", "0.0001"]
     env = {**os.environ, "ASPEN_HOME": str(tmp_path / "home")}
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=120)
     out = done.stdout + done.stderr

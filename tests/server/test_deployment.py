@@ -105,7 +105,7 @@ def test_tls_round_trip(assets, tmp_path):
 def test_serve_subprocess_drains_on_sigterm(assets, tmp_path):
     log_path = tmp_path / "serve.log"
     cmd = aspen_command() + ["serve", "--model", assets["base"], "--adapter-dir", assets["adapters"], "--port", "0",
-                             "--metrics-port", "0", "--kv-cache-mb", "8",
+                             "--http-port", "0", "--metrics-port", "0", "--kv-cache-mb", "8",
                              "--grace-period", "20"]
     env = {**os.environ, "ASPEN_HOME": str(tmp_path / "home")}
     with open(log_path, "w") as log_file:

@@ -44,7 +44,7 @@ def refuse(error: Exception, request: pb.GenerateRequest, stream: bool = False):
     engine = RefusingEngine(error)
 
     async def scenario():
-        server = AspenServer(ServerOptions(model="fake", port=0, grace_period=0), lambda: engine)
+        server = AspenServer(ServerOptions(model="fake", port=0, http_port=0, grace_period=0), lambda: engine)
         port = await server.bind()
         await server.load()
         try:
