@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse, Response
 
 from engine.http import convert
+from engine.http.chat import chat_jobs
 from engine.http.errors import ApiError, HttpCallFields, error_response
 from engine.http.generation import Generation, Host, adapter_of, admit
 from engine.http.middleware import BodyLimit, TokenAuth
@@ -76,18 +77,21 @@ def create_app(host: Host) -> FastAPI:
                                       body.logprobs is not None, bool(body.stream_options and
                                                                       body.stream_options.include_usage))
         generation = Generation(host, request, fields, renderer, adapter_of(host, body.model), body.stream)
-        return await generation.respond(lambda: convert.completion_jobs(body, fields))
+
+        async def jobs() -> list[convert.Job]:
+            return convert.completion_jobs(body, fields)
+
+        return await generation.respond(jobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        from engine.http.chat import chat_jobs
-
         fields = HttpCallFields(prompt_field="messages")
         renderer = ChatRenderer(body.model or host.options.model_name, token_texts(),
                                 {j: 0 for j in range(body.n)}, body.logprobs,
                                 bool(body.stream_options and body.stream_options.include_usage))
-        generation = Generation(host, request, fields, renderer, adapter_of(host, body.model), body.stream)
-        return await generation.respond(lambda: chat_jobs(host, body, fields))
+        adapter = adapter_of(host, body.model)
+        generation = Generation(host, request, fields, renderer, adapter, body.stream)
+        return await generation.respond(lambda: chat_jobs(host, body, fields, adapter))
 
     async def model_cards() -> list[ModelCard]:
         engine, name = host.engine, host.options.model_name

@@ -9,6 +9,7 @@ translated by :class:`HttpCallFields`) and ``Retry-After`` on 429 / 503.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,7 +40,8 @@ _PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 class HttpCallFields(CallFields):
     """:class:`CallFields` of an HTTP call: engine field paths become the body's field names (``prompt`` the
     body's prompt field, ``params.max_new_tokens`` -> ``max_tokens`` or ``max_completion_tokens``,
-    ``response_format.json_schema`` -> the format field the body used, ``adapter_id`` -> ``model``)."""
+    ``response_format.json_schema`` -> the format field the body used, ``adapter_id`` -> ``model``, list
+    indices as the body validation names them: ``messages.0.role``)."""
 
     adapter_field: str = "model"
     renamed: dict[str, str] = field(default_factory=dict)  # engine sampling field -> body field, per request
@@ -55,7 +57,7 @@ class HttpCallFields(CallFields):
             return self.format_field
         if engine_field == "adapter_id":
             return "model"
-        return engine_field
+        return re.sub(r"\[(\d+)\]", r".\1", engine_field)  # messages[0].role -> messages.0.role, as pydantic
 
 
 class ApiError(Exception):

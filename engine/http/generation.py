@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -131,13 +131,13 @@ class Generation:
         return ApiError.of(classify_engine_error(out.error, out.request_id, self.adapter or "",
                                                  self.host.adapter_root, adapter_field="model"), "model")
 
-    async def respond(self, make_jobs: Callable[[], list[Job]]) -> Response:
+    async def respond(self, make_jobs: Callable[[], Awaitable[list[Job]]]) -> Response:
         """Admit, run and answer the request; ``make_jobs`` converts its body (refusals raise)."""
         await admit(self.host)
         with contextlib.ExitStack() as held:
             held.enter_context(self.host.in_flight())
             try:
-                outputs = choice_outputs(self.host, make_jobs(), self.adapter, self.renderer.id)
+                outputs = choice_outputs(self.host, await make_jobs(), self.adapter, self.renderer.id)
                 if not self.stream:
                     return await self._unary(outputs)
                 first = await self._first(outputs)

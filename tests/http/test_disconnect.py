@@ -1,6 +1,6 @@
 """A disconnect storm over HTTP, as the gRPC cancellation storm (tests/reliability/test_load.py): hundreds of long
-completions (streamed and unary, base model and adapters) whose clients go away at random points: after some
-chunks, before the first one, by a deadline, or mid-way through a unary call. Afterwards no KV block, adapter
+completions and chat completions (streamed and unary, base model and adapters) whose clients go away at random
+points: after some chunks, before the first one, by a deadline, or mid-way through a unary call. Afterwards no KV block, adapter
 pin, engine request or call is held, every dropped request was aborted in the engine, and the server still
 serves."""
 from __future__ import annotations
@@ -25,9 +25,9 @@ async def _storm(url: str, base: str, n: int, seed: int, concurrency: int = 32) 
     outcomes: Counter = Counter()
     gate = asyncio.Semaphore(concurrency)
 
-    async def read(client: httpx.AsyncClient, body: dict, events: int) -> None:
+    async def read(client: httpx.AsyncClient, path: str, body: dict, events: int) -> None:
         """Read a stream's events, dropping the connection after ``events`` of them."""
-        async with client.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+        async with client.stream("POST", f"{url}/{path}", json=body, timeout=60) as r:
             assert r.status_code == 200, await r.aread()
             count = 0
             async for line in r.aiter_lines():
@@ -38,20 +38,22 @@ async def _storm(url: str, base: str, n: int, seed: int, concurrency: int = 32) 
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         mode = rng.choice(["close_after", "close_after", "close_first", "deadline", "unary_drop"])
-        body = {"model": rng.choice(ADAPTERS) or base, "prompt": f"storm {i}: the quick brown fox",
-                "max_tokens": rng.randint(300, 480), "temperature": 0.0, "ignore_eos": True,
-                "stream": mode != "unary_drop"}
+        text = f"storm {i}: the quick brown fox"
+        path, prompt = rng.choice([("completions", {"prompt": text}),
+                                   ("chat/completions", {"messages": [{"role": "user", "content": text}]})])
+        body = {"model": rng.choice(ADAPTERS) or base, **prompt, "max_tokens": rng.randint(300, 440),
+                "temperature": 0.0, "ignore_eos": True, "stream": mode != "unary_drop"}
         after = rng.randint(1, 12)
         async with gate:
             try:
                 if mode == "close_first":
-                    await asyncio.wait_for(client.post(f"{url}/completions", json=body), rng.uniform(0, 0.01))
+                    await asyncio.wait_for(client.post(f"{url}/{path}", json=body), rng.uniform(0, 0.01))
                 elif mode == "unary_drop":
-                    await asyncio.wait_for(client.post(f"{url}/completions", json=body), rng.uniform(0.05, 0.3))
+                    await asyncio.wait_for(client.post(f"{url}/{path}", json=body), rng.uniform(0.05, 0.3))
                 elif mode == "deadline":
-                    await asyncio.wait_for(read(client, body, 10**9), rng.uniform(0.005, 0.2))
+                    await asyncio.wait_for(read(client, path, body, 10**9), rng.uniform(0.005, 0.2))
                 else:
-                    await read(client, body, after)
+                    await read(client, path, body, after)
                 outcomes[mode] += 1
             except asyncio.TimeoutError:
                 outcomes[mode] += 1
