@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Most choices one request may ask for (``n`` times the number of prompts): each is an engine request.
 MAX_CHOICES = 128
@@ -19,6 +19,39 @@ MAX_CHOICES = 128
 
 class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` holding a lone surrogate (JSON's ``"\\ud800"`` decodes to one:
+    no Unicode text, which no tokenizer or file system takes), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _lone_surrogate(k, path) or _lone_surrogate(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _lone_surrogate(v, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
+
+
+class RequestBody(Body):
+    """A whole request body: every string in it must be Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        where = _lone_surrogate(data, "")
+        if where is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate: expected Unicode text")
+        return data
 
 
 class StreamOptions(Body):
@@ -39,7 +72,7 @@ class ResponseFormatBody(Body):
     json_schema: JsonSchemaSpec | None = None
 
 
-class SamplingBody(Body):
+class SamplingBody(RequestBody):
     """What completions and chat completions share: the model (the base model's served name or an adapter id),
     OpenAI's sampling fields, and vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
     ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``, the ``guided_*`` formats)."""
@@ -108,7 +141,7 @@ class ChatCompletionRequest(SamplingBody):
     functions: list[dict[str, Any]] | None = None
 
 
-class LoadLoraAdapterRequest(Body):
+class LoadLoraAdapterRequest(RequestBody):
     """vLLM's ``POST /v1/load_lora_adapter``: the adapter id, and its directory below the adapter root (default:
     the id itself)."""
 
@@ -116,7 +149,7 @@ class LoadLoraAdapterRequest(Body):
     lora_path: str | None = None
 
 
-class UnloadLoraAdapterRequest(Body):
+class UnloadLoraAdapterRequest(RequestBody):
     """vLLM's ``POST /v1/unload_lora_adapter``."""
 
     lora_name: str
