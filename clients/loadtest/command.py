@@ -4,6 +4,7 @@
     aspen serve --model PATH --adapter-dir DIR --port 50051 &
     aspen loadtest run --server 127.0.0.1:50051 --num-adapters 1000 --popularity power --alpha 0.3 \\
         --rates 1,2,4 --num-requests 200 --input-len 8-512 --output-len 8-512 --out-dir loadtest-out
+    aspen loadtest run --protocol http --server 127.0.0.1:8000 ...   # the same workload over the HTTP API
 
 It prints a table (one line per offered rate), and writes ``report.json``, ``latency_cdf.png`` and, for several
 rates, ``sweep.png`` (throughput and p99 TTFT over offered load) into ``--out-dir``; ``report.json`` is written
@@ -25,6 +26,7 @@ from clients.loadtest.driver import (
     DEFAULT_PREFIX,
     MODES,
     POPULARITIES,
+    PROTOCOLS,
     DriverConfig,
     LengthSpec,
     WorkloadConfig,
@@ -40,7 +42,10 @@ def _rate(text: str) -> float:
 
 def add_arguments(r: argparse.ArgumentParser) -> None:
     c = r.add_argument_group("connection")
-    c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    c.add_argument("--protocol", choices=PROTOCOLS, default="grpc",
+                   help="the gRPC API, or the OpenAI-compatible HTTP API (POST /v1/completions); default grpc")
+    c.add_argument("--server", default=None, help="HOST:PORT (default 127.0.0.1:50051, with --protocol http "
+                   "127.0.0.1:8000)")
     c.add_argument("--token-file", default=None, help="file holding the bearer token (or $ASPEN_AUTH_TOKEN)")
     c.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect with TLS")
     c.add_argument("--timeout", type=float, default=300.0, help="per-request deadline in seconds (default 300)")
@@ -85,8 +90,12 @@ def _token(args) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+DEFAULT_SERVERS = {"grpc": "127.0.0.1:50051", "http": "127.0.0.1:8000"}
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc  # here, not at the top: `aspen loadtest --help` stays fast
+    import httpx
 
     rates = [_rate(x) for x in args.rates.split(",")] if args.rates else None
     workload = WorkloadConfig(
@@ -95,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         adapter_ids=tuple(s.strip() for s in args.adapter_ids.split(",") if s.strip()) if args.adapter_ids else None,
         popularity=args.popularity, alpha=args.alpha, input_len=LengthSpec.parse(args.input_len),
         output_len=LengthSpec.parse(args.output_len), prompt_file=args.prompt_file, seed=args.seed)
-    driver = DriverConfig(address=args.server, mode=args.mode, concurrency=args.concurrency, stream=not args.unary,
+    args.server = args.server or DEFAULT_SERVERS[args.protocol]
+    driver = DriverConfig(address=args.server, protocol=args.protocol, mode=args.mode, concurrency=args.concurrency, stream=not args.unary,
                           duration_s=args.duration, timeout_s=args.timeout, temperature=args.temperature,
                           ignore_eos=not args.no_ignore_eos, progress=not args.no_progress, token=_token(args),
                           tls_ca=args.tls_ca)
@@ -103,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         info = model_info(driver)
     except grpc.RpcError as e:
         print(f"aspen loadtest: cannot reach {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"aspen loadtest: cannot reach {args.server} over HTTP: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     runs = run_sweep(workload, driver, rates, info.vocab_size, info.max_context_tokens)
     config = {"server": args.server, "model": info.base_model, "device": info.device,

@@ -1,4 +1,5 @@
-"""Load tester for ASPEN serve: a synthetic multi-adapter workload driven over grpc.aio.
+"""Load tester for ASPEN serve: a synthetic multi-adapter workload driven over gRPC (grpc.aio) or the
+OpenAI-compatible HTTP API (:mod:`clients.loadtest.http_driver`), the same requests either way.
 
 Workload (pure functions of a seed, so they are unit-testable and every run of a sweep sends the same requests):
 
@@ -14,8 +15,9 @@ Workload (pure functions of a seed, so they are unit-testable and every run of a
   per line, optional ``"output_len"``).
 
 Per request the driver records, from the arrival times of the stream messages: time to first token (TTFT),
-time per output token after the first (TPOT), end-to-end latency, and the gRPC status code of failures (or
-``FINISH_REASON_ERROR`` for an engine error inside an OK stream). Unary calls have only end-to-end latency.
+time per output token after the first (TPOT), end-to-end latency, and the status of failures: the gRPC code (or
+``FINISH_REASON_ERROR`` for an engine error inside an OK stream), or over HTTP ``HTTP_<status>`` (or
+``STREAM_ERROR``). Unary calls have only end-to-end latency.
 Summaries, tables, JSON and plots: :mod:`clients.loadtest.report`.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 POPULARITIES = ("uniform", "power", "zipf")
 MODES = ("open", "closed")  # open loop: an arrival process; closed loop: ``concurrency`` users
+PROTOCOLS = ("grpc", "http")  # the gRPC API, or the OpenAI-compatible HTTP API (``address`` is its HOST:PORT)
 #: Adapter ids of ``--num-adapters N``: f"{prefix}{i:04d}" for i < N, the ids ``aspen loadtest make-adapters``
 #: writes (both sides keep this naming; tests/clients checks they agree).
 DEFAULT_PREFIX = "adapter-"
@@ -245,9 +248,11 @@ class RequestResult:
 
 @dataclass(frozen=True)
 class DriverConfig:
-    """How to send: where, open or closed loop, stream or unary, and the bounds of the run."""
+    """How to send: where and over which protocol, open or closed loop, stream or unary, and the bounds of the
+    run."""
 
     address: str = "127.0.0.1:50051"
+    protocol: str = "grpc"  # one of PROTOCOLS
     mode: str = "open"  # one of MODES
     concurrency: int = 8  # closed-loop users
     stream: bool = True
@@ -270,16 +275,21 @@ class RunResult:
     wall_s: float = 0.0  # first send -> last completion
 
 
-async def _one(client, spec: RequestSpec, cfg: DriverConfig, t0: float, rid: str) -> RequestResult:
+async def _one(client, spec: RequestSpec, cfg: DriverConfig, t0: float, rid: str,
+               model: str | None = None) -> RequestResult:
+    """Send one request (over HTTP: ``model`` is the base model's served name) and record what it did."""
     import grpc
 
     from clients.aspen.v1 import aspen_pb2 as pb
+    from clients.loadtest import http_driver
 
     res = RequestResult(spec.index, spec.adapter, spec.prompt_len, spec.max_new_tokens, spec.arrival)
     params = {"max_new_tokens": spec.max_new_tokens, "temperature": cfg.temperature, "ignore_eos": cfg.ignore_eos}
     res.start = time.perf_counter() - t0
     try:
-        if cfg.stream:
+        if cfg.protocol == "http":
+            await http_driver.send(client, res, spec, model, cfg, t0)
+        elif cfg.stream:
             async for msg in client.stream(spec.prompt, spec.adapter, request_id=rid, timeout=cfg.timeout_s,
                                            **params):
                 if msg.token_ids:
@@ -313,9 +323,12 @@ async def drive(requests: Sequence[RequestSpec], cfg: DriverConfig, label: str =
     from tqdm import tqdm
 
     from clients.client import AsyncAspenClient
+    from clients.loadtest import http_driver
 
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {cfg.protocol!r}")
     run = RunResult(label, offered_rate if cfg.mode == "open" else None)
     stamp = f"{cfg.request_id_prefix}-{time.time_ns():x}"
     bar = tqdm(total=len(requests), desc=label, unit="req", disable=not cfg.progress, leave=False)
@@ -329,7 +342,16 @@ async def drive(requests: Sequence[RequestSpec], cfg: DriverConfig, label: str =
             bar.set_postfix(errors=errors, refresh=False)
         return res
 
-    client = AsyncAspenClient(cfg.address, token=cfg.token, tls_ca=cfg.tls_ca)
+    model = None
+    if cfg.protocol == "http":
+        client = http_driver.http_client(cfg.address, cfg.token, cfg.tls_ca, cfg.timeout_s)
+        try:
+            model = await http_driver.base_model(client)
+        except BaseException:
+            await client.aclose()
+            raise
+    else:
+        client = AsyncAspenClient(cfg.address, token=cfg.token, tls_ca=cfg.tls_ca)
     t0 = time.perf_counter()
     try:
         if cfg.mode == "open":
@@ -340,7 +362,7 @@ async def drive(requests: Sequence[RequestSpec], cfg: DriverConfig, label: str =
                 delay = spec.arrival - (time.perf_counter() - t0)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task = asyncio.ensure_future(_one(client, spec, cfg, t0, f"{stamp}-{spec.index}"))
+                task = asyncio.ensure_future(_one(client, spec, cfg, t0, f"{stamp}-{spec.index}", model))
                 task.add_done_callback(lambda t: t.cancelled() or done(t.result()))
                 tasks.append(task)
             run.results = list(await asyncio.gather(*tasks))
@@ -351,14 +373,14 @@ async def drive(requests: Sequence[RequestSpec], cfg: DriverConfig, label: str =
                 mine = []
                 while queue and (cfg.duration_s is None or time.perf_counter() - t0 < cfg.duration_s):
                     spec = queue.pop()
-                    mine.append(done(await _one(client, spec, cfg, t0, f"{stamp}-{spec.index}")))
+                    mine.append(done(await _one(client, spec, cfg, t0, f"{stamp}-{spec.index}", model)))
                 return mine
 
             per_user = await asyncio.gather(*(user() for _ in range(max(1, cfg.concurrency))))
             run.results = sorted((r for rs in per_user for r in rs), key=lambda r: r.index)
     finally:
         bar.close()
-        await client.channel.close()
+        await (client.aclose() if cfg.protocol == "http" else client.channel.close())
     run.not_sent = len(requests) - len(run.results)
     if run.results:
         run.wall_s = max(r.end for r in run.results) - min(r.start for r in run.results)
@@ -383,8 +405,13 @@ def run_sweep(workload: WorkloadConfig, driver: DriverConfig, rates: Sequence[fl
 
 
 def model_info(driver: DriverConfig):
-    """The server's GetModelInfo answer (vocab size, context length, ...)."""
+    """The server's GetModelInfo answer (vocab size, context length, ...); over HTTP the same facts from
+    ``GET /v1/models`` (:class:`~clients.loadtest.http_driver.ServerFacts`)."""
     from clients.client import AspenClient
 
+    if driver.protocol == "http":
+        from clients.loadtest.http_driver import server_facts
+
+        return server_facts(driver.address, driver.token, driver.tls_ca)
     with AspenClient(driver.address, token=driver.token, tls_ca=driver.tls_ca, timeout=30) as c:
         return c.model_info()

@@ -133,7 +133,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("loadtest")
     base = make_checkpoint(str(root / "base"), "llama", max_position_embeddings=256)
     make_adapters(base, str(root / "adapters"), NUM_ON_DISK, rank=4, targets="all", progress=False)
-    s = ServerThread({"base": base, "adapters": str(root / "adapters")}, engine=ENGINE)
+    s = ServerThread({"base": base, "adapters": str(root / "adapters")}, engine=ENGINE, http=True)
     yield s
     s.stop()
 
@@ -206,3 +206,34 @@ def test_duration_bound_and_unreachable_server(served, tmp_path):
 
     assert run_command(_args("127.0.0.1:1", str(tmp_path / "x"))) == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_same_workload_over_http(served, tmp_path, capsys):
+    """``--protocol http`` sends the same requests to the OpenAI-compatible API: the same prompts and lengths reach
+    the engine, a missing adapter is HTTP_404, unary calls work, and an unreachable server is exit status 1."""
+    from clients.loadtest.command import run
+
+    num_adapters = NUM_ON_DISK + 2
+    kw = {"num_adapters": num_adapters, "popularity": "power", "alpha": 0.5, "mode": "closed", "concurrency": 4,
+          "num_requests": 16, "input_len": "4-24", "output_len": "2-6", "seed": 5}
+    port = served.http_url.rsplit(":", 1)[1].removesuffix("/v1")
+    reports = {}
+    for protocol, address in (("grpc", served.address), ("http", f"127.0.0.1:{port}")):
+        assert run(_args(address, str(tmp_path / protocol), protocol=protocol, **kw)) == 0
+        reports[protocol] = json.loads((tmp_path / protocol / "report.json").read_text())["runs"][0]
+    grpc_req, http_req = (sorted(reports[p]["requests"], key=lambda r: r["index"]) for p in ("grpc", "http"))
+    missing = sum(r["code"] == "NOT_FOUND" for r in grpc_req)
+    assert missing > 0 and reports["http"]["summary"]["errors"] == {"HTTP_404": missing}
+    for g, h in zip(grpc_req, http_req):
+        assert (g["adapter"], g["max_new_tokens"], g["code"] == "OK") == (h["adapter"], h["max_new_tokens"],
+                                                                            h["code"] == "OK")
+        if h["code"] == "OK":
+            assert (h["prompt_tokens"], h["output_tokens"]) == (g["prompt_tokens"], g["output_tokens"])
+            assert h["ttft"] is not None and 0 < h["ttft"] <= h["e2e"]
+    specs = build_workload(WorkloadConfig(num_requests=3, num_adapters=NUM_ON_DISK, output_len=LengthSpec(3, 3),
+                                          input_len=LengthSpec(8, 8)), 320)
+    unary = asyncio.run(drive(specs, DriverConfig(address=f"127.0.0.1:{port}", protocol="http", stream=False,
+                                                  progress=False, timeout_s=60), "unary", math.inf))
+    assert all(r.ok and r.ttft is None and r.output_tokens == 3 and r.prompt_tokens == 8 for r in unary.results)
+    assert run(_args("127.0.0.1:1", str(tmp_path / "x"), protocol="http")) == 1
+    assert "over HTTP" in capsys.readouterr().err
