@@ -22,6 +22,7 @@ BENCHMARKS = {
     "quantized": "int8 / nf4 memory per parameter and throughput vs fp32",
     "compute_efficiency": "decode-step GFLOP/s vs the machine's fp32 GEMM peak",
     "structured": "decode tokens/s with half the rows JSON-Schema constrained vs none; grammar compile p50/p99",
+    "http_vs_grpc": "the OpenAI-compatible HTTP API vs gRPC on one server: throughput and p99 TTFT, one workload",
 }
 
 

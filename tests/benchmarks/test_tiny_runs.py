@@ -152,3 +152,16 @@ def test_structured(home, tmp_path):
     c = r["compile"]
     assert c["compiles"] == c["schemas"] * c["variants"] and c["refused"] == 0
     assert 0 < c["compile_ms_p50"] <= c["compile_ms_p99"] <= c["compile_ms_max"]
+
+
+def test_http_vs_grpc(home, tmp_path):
+    from benchmarks.http_vs_grpc import main
+
+    r = main(["--tiny", "--out", str(tmp_path / "r.json")])
+    assert _report(tmp_path / "r.json") == r
+    assert set(r["runs"]) == {"grpc", "http"} and r["requests_per_protocol"] == 16
+    for run in r["runs"].values():
+        assert run["ok"] == 16 and not run["errors"] and run["output_token_throughput"] > 0
+        assert run["ttft_p99_ms"] >= run["ttft_p50_ms"] > 0
+    assert r["http_over_grpc_throughput"] > 0 and isinstance(r["meets_target"], bool)
+    assert r["cpu"]["logical_cpus"] >= 1 and "model" in r["cpu"]
