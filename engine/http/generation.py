@@ -62,15 +62,39 @@ def adapter_of(host: Host, model: str | None) -> str | None:
     return None if model is None or model == host.options.model_name else model
 
 
+class Release:
+    """Ends what a streamed response holds, once: its engine requests (closing their outputs aborts the
+    unfinished ones) and its in-flight count."""
+
+    def __init__(self, outputs, held: contextlib.ExitStack) -> None:
+        self.outputs, self.held, self.done = outputs, held, False
+
+    async def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                await self.outputs.aclose()
+            finally:
+                self.held.close()
+
+
 class EventStream(StreamingResponse):
-    """An SSE response whose event source is always closed when the response ends, sent in full or not (a
-    client that disconnects cancels the sending; closing the source then ends its engine requests at once)."""
+    """An SSE response that always releases what it holds when it ends, sent in full or not: a client that
+    disconnects cancels the sending, possibly before the event source has started (whose own cleanup then never
+    runs), so the release is the response's."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, events: AsyncIterator[str], release: Release) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
+
     async def __call__(self, scope, receive, send) -> None:
-        async with contextlib.aclosing(self.body_iterator):
-            await super().__call__(scope, receive, send)
+        try:
+            async with contextlib.aclosing(self.body_iterator):
+                await super().__call__(scope, receive, send)
+        finally:
+            await self.release()
 
 
 async def choice_outputs(host: Host, jobs: list[Job], adapter: str | None,
@@ -145,9 +169,9 @@ class Generation:
                 raise
             except Exception as e:  # noqa: BLE001 -- classified: client errors get their status, the rest 500
                 raise self.failure(e) from None
-            # the stream now owns the in-flight count and the engine requests
-            return EventStream(self._events(first, outputs, held.pop_all()),
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            # the response now owns the in-flight count and the engine requests
+            release = Release(outputs, held.pop_all())
+            return EventStream(self._events(first, outputs, release), release)
 
     async def _first(self, outputs) -> tuple[int, RequestOutput]:
         try:
@@ -185,8 +209,7 @@ class Generation:
         body = self.renderer.response(work.result())
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _events(self, first: tuple[int, RequestOutput], outputs,
-                      held: contextlib.ExitStack) -> AsyncIterator[str]:
+    async def _events(self, first: tuple[int, RequestOutput], outputs, release: Release) -> AsyncIterator[str]:
         renderer = self.renderer
         finals: dict[int, RequestOutput] = {}
         try:
@@ -207,6 +230,5 @@ class Generation:
         except Exception as e:  # noqa: BLE001 -- the status line is sent: the error goes in the stream
             yield sse(self.failure(e).body())
         finally:
-            await outputs.aclose()
-            held.close()
+            await release()
         yield DONE

@@ -4,6 +4,7 @@ bearer token is required (``openai.AuthenticationError``) except on ``/health``,
 server's certificates, and ``aspen serve`` itself serves HTTP and drains it on SIGTERM."""
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import ssl
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from engine.server import command as serve_command
 from engine.server.options import ServerOptions
 from tests.helpers.certs import self_signed_cert
 from tests.helpers.server import ServeProcess, ServerThread, shared_assets, wait_engine_idle
@@ -110,6 +112,10 @@ def test_token_tls_and_mutual_tls(tmp_path, tmp_path_factory):
 
 
 def test_http_port_is_an_option_of_its_own():
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    assert serve_command.options_from_args(parser.parse_args(["--model", "m", "--http-port", "0"])).http_port == 0
+    assert serve_command.options_from_args(parser.parse_args(["--model", "m"])).http_port == 8000
     assert ServerOptions().http_port == 8000
     with pytest.raises(ValueError, match="--http-port 50051 is also --port"):
         ServerOptions(http_port=50051)
