@@ -73,12 +73,22 @@ def check_messages(prompt: ChatPrompt, max_chars: int) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}, got {m.role!r:.40}")
         if not isinstance(m.content, str):
             raise RequestError(f"messages[{i}].content", f"expected a string, got {type(m.content).__name__}")
+        check_unicode(f"messages[{i}].content", m.content)
         chars += len(m.content)
         out.append({"role": m.role, "content": m.content})
     if chars > max_chars:
         raise RequestError("messages", f"{chars} characters of content can never fit the context "
                                        f"(at most {max_chars} characters)")
     return out
+
+
+def check_unicode(field: str, text: str) -> None:
+    """RequestError naming ``field`` when ``text`` holds a lone surrogate (not Unicode text: no tokenizer takes
+    it; JSON's ``"\\ud800"`` decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(field, f"not valid Unicode text: a lone surrogate at character {e.start}") from None
 
 
 class ChatTemplates:

@@ -27,7 +27,7 @@ from aspen.model.kv_cache import KVCache
 from engine import capacity
 from engine.adapters.cache import AdapterCache, AdapterInfo
 from engine.adapters.paths import list_adapter_dirs
-from engine.chat import ChatPrompt, ChatTemplates
+from engine.chat import ChatPrompt, ChatTemplates, check_unicode
 from engine.config import EngineConfig
 from engine.lora_backend import LoraBackend
 from engine.model_runner import ModelRunner
@@ -122,10 +122,11 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str) -> list[int]:
         """The token ids of ``text``; RequestError("prompt") without tokenizing a text too long to ever fit the
-        context (:data:`PROMPT_CHARS_SLACK`)."""
+        context (:data:`PROMPT_CHARS_SLACK`) or one that is not Unicode text (a lone surrogate)."""
         if len(text) > self.max_prompt_chars:
             raise RequestError("prompt", f"{len(text)} characters can never fit the context of "
                                          f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
+        check_unicode("prompt", text)
         return list(self.tokenizer(text).input_ids)
 
     def add_request(self, prompt: str | Sequence[int] | ChatPrompt, params: SamplingParams | None = None,

@@ -119,3 +119,12 @@ def test_content_longer_than_the_context_can_hold_is_refused_before_rendering(en
         engine.add_request(chat_prompt(huge))
     assert e.value.field == "messages"
 
+
+
+def test_a_lone_surrogate_is_refused_as_not_unicode_text(engine):
+    with pytest.raises(RequestError, match="lone surrogate") as e:
+        engine.add_request("fox \ud800 dog")
+    assert e.value.field == "prompt"
+    with pytest.raises(RequestError, match="lone surrogate") as e:
+        engine.add_request(chat_prompt([{"role": "user", "content": "\udfff"}]))
+    assert e.value.field == "messages[0].content" and not engine.has_work()
