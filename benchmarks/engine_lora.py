@@ -2,11 +2,13 @@
 32 requests vs the engine with no adapters, same prompts and output lengths (target: tokens/s ratio >= 0.90).
 
     python -m benchmarks.engine_lora [--tiny] [--device cpu|cuda] [--repeats 3] [--out report.json]
+                                     [--default-sizing]
 
 Both engines load the same checkpoint and take the same 32 requests (fixed seed: prompts of 32-64 random token
 ids, 32 new tokens each, greedy, EOS ignored) in one ``generate`` call; request i uses adapter i in the LoRA
 engine. Prefix caching is off (repeats must not reuse KV) and the KV pool holds every request (no preemption).
-The adapters are made once by :mod:`aspen.lora.peft.synthetic` under ``$ASPEN_HOME/bench`` and made resident
+``--default-sizing`` builds both engines with no sizing options at all (what a fresh ``LLMEngine`` or ``aspen serve``
+gets). The adapters are made once by :mod:`aspen.lora.peft.synthetic` under ``$ASPEN_HOME/bench`` and made resident
 by a warm-up call, so loading them is not timed. Runs alternate (base, LoRA, base, ...) after one warm-up each;
 the ratio is of the best runs (the medians are reported too).
 """
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-len", type=int, default=None, help="new tokens per request (default 32; tiny 8)")
     ap.add_argument("--adapter-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="storage dtype of the LoRA engine's adapter pool (auto: the model's)")
+    ap.add_argument("--default-sizing", action="store_true",
+                    help="both engines with no sizing options (KV pool, adapter pool and host tier from "
+                         "--memory-utilization's default), as a fresh LLMEngine or aspen serve runs")
     args = ap.parse_args(argv)
     shape = "tiny" if args.tiny else "125m"
     n = args.adapters or (4 if args.tiny else 32)
@@ -71,13 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
     reqs = make_requests(n, vocab, args.seed, plen, (out_len, out_len), num_adapters=n)
     root = bench_adapters(shape, n, args.rank)
     ids = [adapter_name(i) for i in range(n)]
-    base = make_engine(path, args.device, reqs)
-    lora = make_engine(path, args.device, reqs, adapter_dir=root,
-                       lora_pool_pages=n * pages_per_adapter(args.rank), adapter_dtype=args.adapter_dtype)
+    if args.default_sizing:
+        from engine.llm_engine import LLMEngine
+
+        def default_engine(adapter_dir):  # prefix caching off: repeats must not reuse KV (not a sizing option)
+            return LLMEngine(model=path, adapter_dir=adapter_dir, device=args.device, progress=False,
+                             enable_prefix_caching=False, adapter_dtype=args.adapter_dtype)
+
+        base, lora = default_engine(None), default_engine(root)
+    else:
+        base = make_engine(path, args.device, reqs)
+        lora = make_engine(path, args.device, reqs, adapter_dir=root,
+                           lora_pool_pages=n * pages_per_adapter(args.rank), adapter_dtype=args.adapter_dtype)
     warm = [BenchRequest(r.prompt[:8], 2, r.adapter) for r in reqs]
     engine_generate(lora, warm, ids)  # every adapter resident before timing
     stats = lora.adapter_cache.stats()
-    if stats.pages_device != n * pages_per_adapter(args.rank):
+    if stats.pages_device != n * pages_per_adapter(args.rank) and not args.default_sizing:
         raise RuntimeError(f"expected all {n} adapters resident, the pool holds {stats.pages_device} pages")
 
     def run_base() -> None:
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     report.measured({
         "shape": shape, "device": device_name(args.device), "requests": n,
         "distinct_adapters": n, "rank": args.rank, "targets": list(ALL), "output_len": out_len,
-        "adapter_dtype": args.adapter_dtype,
+        "adapter_dtype": args.adapter_dtype, "default_sizing": args.default_sizing,
+        "kv_blocks": base.block_manager.num_blocks, "lora_pool_pages": lora.capacity.pool_pages,
+        "adapter_pages_resident_after_warmup": stats.pages_device,
         "tokens_per_run": tokens, "repeats": args.repeats,
         "base_seconds": [round(t, 3) for t in t_base], "lora_seconds": [round(t, 3) for t in t_lora],
         "machine_before": load0, "machine_after": machine(),
